@@ -1,0 +1,302 @@
+"""Run configuration: typed dataclasses that mirror the YAML tree one-to-one.
+
+A run is `RunConfig(model=..., fwpkm=..., pkm=..., data=..., train=...)`. `load_config(path, overrides)`
+reads a YAML file, applies dotted `a.b=c` overrides, rejects unknown or misplaced keys and reports
+*every* problem in one `ConfigError` naming the key and the rule. Each dataclass checks only its own
+invariants in `problems()`; checks spanning components live in `validate(run)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+POLICIES = ("persistent", "persistent_local", "per_sequence")
+ATTENTION_KINDS = ("full", "swa", "pswa")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists every offending key with its rule."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  " + "\n  ".join(problems))
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA groups; None = multi-head attention
+    ffn_hidden_size: int | None = None   # None = 4 * hidden_size
+    vocab_size: int | None = None        # None = taken from the prepared data's tokenizer
+    max_seq_len: int = 256               # RoPE table length; >= train.seq_len
+    attention: str = "swa"               # full | swa (every layer windowed) | pswa (windowed with prob. p per step)
+    window: int = 32                     # sliding window W: a query sees itself and W-1 previous tokens
+    pswa_prob: float = 0.9               # pSWA: probability per step that full-attention layers use the window
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+
+    def problems(self) -> list[str]:
+        p = []
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "max_seq_len", "window"):
+            if getattr(self, name) < 1:
+                p.append(f"model.{name}={getattr(self, name)}: must be >= 1")
+        if self.hidden_size % max(self.num_attention_heads, 1):
+            p.append(f"model.hidden_size={self.hidden_size}: must be divisible by "
+                     f"model.num_attention_heads={self.num_attention_heads}")
+        if self.num_query_groups is not None and self.num_attention_heads % max(self.num_query_groups, 1):
+            p.append(f"model.num_query_groups={self.num_query_groups}: must divide num_attention_heads")
+        if self.attention not in ATTENTION_KINDS:
+            p.append(f"model.attention={self.attention!r}: must be one of {ATTENTION_KINDS}")
+        if not 0.0 <= self.pswa_prob <= 1.0:
+            p.append(f"model.pswa_prob={self.pswa_prob}: must be in [0, 1]")
+        return p
+
+
+@dataclass(kw_only=True)
+class FwPKMConfig:
+    """Fast-weight PKM (method section 3). Defaults are the paper's; ablations of section 5.7 are switches."""
+
+    layers: list[int] = field(default_factory=list)  # 0-indexed layers with an FwPKM branch before the mixer
+    num_slots: int = 512**2      # N; a perfect square (two codebooks of R = sqrt(N) sub-keys)
+    d_k: int = 512               # query/key width; each codebook sees d_k/2
+    d_v: int = 512               # value row width
+    heads: int = 1               # H query heads sharing one value table (ablation h4k8: 4)
+    topk: int = 8                # k, per codebook and after merging the k*k candidates
+    chunk_size: int = 512        # C; writes land once per chunk, reads see earlier chunks only
+    lookahead: int = 1           # target of token t is v_{t+lookahead} (ablation lahd0: 0)
+    score: str = "idw"           # idw: -log(eps + ||q-K||^2); dot: q.K (collapses per the paper)
+    eps: float = 1e-3            # IDW epsilon
+    addr_loss: bool = True       # marginal-entropy addressing loss on sub-keys (off: MSE updates keys too)
+    addr_loss_weight: float = 1.0
+    gate: bool = True            # learned scalar gate mixing memory and dense value (off: output = read)
+    gate_weighted_loss: bool = True  # weight each token's memorization loss by its gate
+    value_zscore: bool = True    # z-score the value targets along d_v (App. A.3)
+    value_lr: float = 1.0        # fast-weight SGD step on values
+    key_lr: float = 1.0          # fast-weight SGD step on sub-keys
+    policy: str = "persistent"   # persistent | persistent_local | per_sequence
+    backend: str = "auto"        # memory-op kernels: auto | reference | triton
+
+    def problems(self, prefix: str = "fwpkm") -> list[str]:
+        p = _table_problems(self, prefix)
+        if self.chunk_size < 1:
+            p.append(f"{prefix}.chunk_size={self.chunk_size}: must be >= 1")
+        if self.lookahead not in (0, 1):
+            p.append(f"{prefix}.lookahead={self.lookahead}: must be 0 or 1")
+        if self.score not in ("idw", "dot"):
+            p.append(f"{prefix}.score={self.score!r}: must be 'idw' or 'dot'")
+        if self.policy not in POLICIES:
+            p.append(f"{prefix}.policy={self.policy!r}: must be one of {POLICIES}")
+        if self.backend not in ("auto", "reference", "triton"):
+            p.append(f"{prefix}.backend={self.backend!r}: must be auto, reference or triton")
+        return p
+
+
+@dataclass(kw_only=True)
+class PKMConfig:
+    """Static PKM replacing the MLP (method section 2.4: Memory+ swilu output, dot-product scores)."""
+
+    layers: list[int] = field(default_factory=list)  # 0-indexed layers whose MLP is a static PKM
+    num_slots: int = 512**2
+    d_k: int = 512
+    d_v: int = 512
+    heads: int = 4
+    topk: int = 32
+    score: str = "dot"
+
+    def problems(self, prefix: str = "pkm") -> list[str]:
+        p = _table_problems(self, prefix)
+        if self.score not in ("idw", "dot"):
+            p.append(f"{prefix}.score={self.score!r}: must be 'idw' or 'dot'")
+        return p
+
+
+def _table_problems(cfg, prefix: str) -> list[str]:
+    p = []
+    root = math.isqrt(max(cfg.num_slots, 0))
+    if cfg.num_slots < 4 or root * root != cfg.num_slots:
+        p.append(f"{prefix}.num_slots={cfg.num_slots}: must be a perfect square >= 4 (two codebooks of sqrt(N))")
+    if cfg.d_k < 2 or cfg.d_k % 2:
+        p.append(f"{prefix}.d_k={cfg.d_k}: must be even (split into two halves)")
+    if cfg.d_v < 1 or cfg.heads < 1:
+        p.append(f"{prefix}.d_v and {prefix}.heads: must be >= 1")
+    if not 1 <= cfg.topk <= max(root, 1):
+        p.append(f"{prefix}.topk={cfg.topk}: must be in [1, sqrt(num_slots)={root}]")
+    return p
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "data/stdlib"      # local directory written by fwpkm-prep (holds train/, val/, tokenizer.json)
+    remote: str | None = None      # optional remote root (s3://, gs://, ...) mirrored into `path`
+    shuffle: bool = True
+    num_workers: int = 0
+
+    def problems(self) -> list[str]:
+        return [] if self.num_workers >= 0 else [f"data.num_workers={self.num_workers}: must be >= 0"]
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    steps: int = 200
+    seed: int = 1234
+    micro_batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0           # slow weights only; fast weights are never clipped
+    log_every: int = 10
+    eval_every: int = 0              # 0 = only at the end
+    eval_batches: int = 8
+    save_every: int = 0              # 0 = only at the end
+    keep_last: int = 2
+    threads: int = 0                 # torch intra-op threads; 0 = leave torch's default
+
+    def problems(self) -> list[str]:
+        p = []
+        for name in ("steps", "micro_batch_size", "seq_len", "eval_batches", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                p.append(f"train.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "threads"):
+            if getattr(self, name) < 0:
+                p.append(f"train.{name}={getattr(self, name)}: must be >= 0")
+        if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
+            p.append(f"train.lr={self.lr}, train.min_lr={self.min_lr}: need 0 < lr and 0 <= min_lr <= lr")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            p.append(f"train.betas={self.betas}: must be two numbers in [0, 1)")
+        if self.grad_clip < 0:
+            p.append(f"train.grad_clip={self.grad_clip}: must be >= 0 (0 disables)")
+        return p
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fwpkm: FwPKMConfig = field(default_factory=FwPKMConfig)
+    pkm: PKMConfig = field(default_factory=PKMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate(run: RunConfig) -> None:
+    """Check every component and the rules that span components; raise one ConfigError listing all."""
+    p = run.model.problems() + run.fwpkm.problems() + run.pkm.problems() + run.data.problems() + run.train.problems()
+    n = run.model.num_layers
+    for name, layers in (("fwpkm.layers", run.fwpkm.layers), ("pkm.layers", run.pkm.layers)):
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            p.append(f"{name}={layers}: ids {bad} outside [0, model.num_layers={n})")
+        if len(set(layers)) != len(layers):
+            p.append(f"{name}={layers}: duplicate layer ids")
+    if run.train.seq_len > run.model.max_seq_len:
+        p.append(f"train.seq_len={run.train.seq_len}: must be <= model.max_seq_len={run.model.max_seq_len}")
+    if p:
+        raise ConfigError(p)
+
+
+def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
+    """Convert a YAML value to the annotated type, or record why it cannot be."""
+    hint_s = str(hint)
+    if value is None:
+        if "None" in hint_s:
+            return None
+        problems.append(f"{key}: null not allowed (expected {hint_s})")
+        return value
+    if hint_s.startswith("list"):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            problems.append(f"{key}={value!r}: expected a list")
+        return value
+    for typ in (bool, int, float, str):
+        if hint_s.split(" |")[0] == typ.__name__:
+            if typ is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if typ is float and isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+                problems.append(f"{key}={value!r}: expected {typ.__name__}")
+            return value
+    return value
+
+
+def from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a nested dict, listing every unknown key and type error at once."""
+    problems: list[str] = []
+    if not isinstance(tree, dict):
+        raise ConfigError([f"top level: expected a mapping, got {type(tree).__name__}"])
+    sections = {}
+    for f in dataclasses.fields(RunConfig):
+        cls = get_type_hints(RunConfig)[f.name]
+        raw = tree.get(f.name) or {}
+        if not isinstance(raw, dict):
+            problems.append(f"{f.name}: expected a mapping")
+            raw = {}
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for key, value in raw.items():
+            if key not in hints:
+                problems.append(f"{f.name}.{key}: unknown key (known: {', '.join(sorted(hints))})")
+                continue
+            kwargs[key] = _coerce(value, hints[key], f"{f.name}.{key}", problems)
+        sections[f.name] = (cls, kwargs)
+    for key in tree:
+        if key not in sections:
+            problems.append(f"{key}: unknown section (known: {', '.join(sections)})")
+    if problems:
+        raise ConfigError(problems)
+    run = RunConfig(**{name: cls(**kwargs) for name, (cls, kwargs) in sections.items()})
+    validate(run)
+    return run
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a nested dict, in order."""
+    problems = []
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        parts = dotted.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        tree.setdefault(parts[0], {})
+        if not isinstance(tree[parts[0]], dict):
+            problems.append(f"override {item!r}: {parts[0]} is not a section")
+            continue
+        tree[parts[0]][parts[1]] = yaml.safe_load(text) if text.strip() else None
+    if problems:
+        raise ConfigError(problems)
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path}: not found"])
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"config file {path}: not valid YAML ({exc})"]) from None
+    return from_dict(apply_overrides(tree, list(overrides)))

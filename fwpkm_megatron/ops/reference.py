@@ -1,0 +1,247 @@
+"""Reference definition of the FwPKM memory ops (docs/method.md; method notes section 3).
+
+Pure PyTorch, dtype-generic (runs in float64 for gradient checks), written for reading, not speed.
+Every kernel in `ops/triton/` must match these functions forward and backward.
+
+Shape letters: B batch, T tokens, H heads, N = R*R slots, R sub-keys per codebook, k top-k,
+C chunk, d_k query width (each codebook sees d_k/2), d_v value width, M = any flat token count.
+
+The value table is never copied per chunk: a scan keeps the rows it has written in a small
+`RowOverlay` (rows touched so far and their current, differentiable values) on top of the untouched
+base table, so memory is O(rows touched), not O(N) per chunk (design decision 9).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+ENTROPY_EPS = 1e-8  # inside log() of the addressing entropy, as in the method notes (3.5)
+
+
+class Address(NamedTuple):
+    """Result of a product-key lookup for M query rows."""
+
+    idx: torch.Tensor      # [M, H, k] int64 slot ids (i * R + j)
+    weight: torch.Tensor   # [M, H, k] read weights (softmax jointly over H*k, or per head)
+    sub_scores: tuple[torch.Tensor, torch.Tensor]  # 2 x [M, H, R] scores of each codebook
+    sub_topk: tuple[torch.Tensor, torch.Tensor]    # 2 x [M, H, k] top-k sub-key ids of each codebook
+
+
+def subkey_scores(q: torch.Tensor, keys: torch.Tensor, *, score: str = "idw", eps: float = 1e-3):
+    """Scores of each query half against its codebook (method Eq. 11 / App. A.2).
+
+    q [M, H, d_k], keys [H, 2, R, d_k/2] -> (s1, s2), each [M, H, R].
+    idw: -log(eps + ||q_m - K_m,i||^2); dot: q_m . K_m,i.
+    """
+    half = keys.shape[-1]
+    out = []
+    for m in range(2):
+        qm = q[..., m * half:(m + 1) * half]                      # [M, H, d_k/2]
+        km = keys[:, m]                                           # [H, R, d_k/2]
+        dot = torch.einsum("mhd,hrd->mhr", qm, km)
+        if score == "dot":
+            out.append(dot)
+            continue
+        # ||q - K||^2 expanded; clamp guards tiny negative round-off (a smooth form, unlike cdist at 0)
+        dist2 = (qm.square().sum(-1, keepdim=True) - 2 * dot + km.square().sum(-1)[None]).clamp_min(0)
+        out.append(-torch.log(eps + dist2))
+    return out[0], out[1]
+
+
+def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = "idw", eps: float = 1e-3,
+                joint_softmax: bool = True) -> Address:
+    """Product-key top-k lookup (method 2.2 and Eq. 11).
+
+    Top-k sub-keys per codebook, the k*k candidate sums, top-k of those, then softmax (temperature 1)
+    jointly over the H*k entries (FwPKM) or within each head (static PKM, `joint_softmax=False`).
+    q [M, H, d_k], keys [H, 2, R, d_k/2].
+    """
+    R = keys.shape[2]
+    s1, s2 = subkey_scores(q, keys, score=score, eps=eps)
+    v1, i1 = s1.topk(topk, dim=-1)                                # [M, H, k]
+    v2, i2 = s2.topk(topk, dim=-1)
+    cand = (v1[..., :, None] + v2[..., None, :]).flatten(-2)      # [M, H, k*k], row-major (i, j)
+    best, pos = cand.topk(topk, dim=-1)                           # [M, H, k]
+    idx = i1.gather(-1, pos // topk) * R + i2.gather(-1, pos % topk)
+    if joint_softmax:
+        weight = best.flatten(-2).softmax(-1).view_as(best)
+    else:
+        weight = best.softmax(-1)
+    return Address(idx, weight, (s1, s2), (i1, i2))
+
+
+def pkm_read(values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of the addressed rows, summed over heads: values [N, d_v], idx/weight [M, H, k] -> [M, d_v]."""
+    return torch.einsum("mhk,mhkd->md", weight, values[idx])
+
+
+def addressing_loss(address: Address) -> torch.Tensor:
+    """Marginal-entropy addressing loss (method Eqs. 16-18): -H(p1_bar) - H(p2_bar).
+
+    Each row's sub-scores outside its codebook top-k are masked, softmaxed over R, and averaged over
+    all M*H rows of the chunk (every token, including those without a target).
+    """
+    loss = 0.0
+    for s, top in zip(address.sub_scores, address.sub_topk):
+        masked = torch.full_like(s, float("-inf")).scatter(-1, top, s.gather(-1, top))
+        p_bar = masked.softmax(-1).flatten(0, 1).mean(0)          # [R]
+        loss = loss + (p_bar * torch.log(p_bar + ENTROPY_EPS)).sum()  # = -H(p_bar)
+    return loss
+
+
+class RowOverlay:
+    """A value table seen as an untouched base plus the rows written so far.
+
+    `rows` is sorted and unique; `row_values[r]` is the current (differentiable) value of slot rows[r].
+    """
+
+    def __init__(self, base: torch.Tensor):
+        self.base = base
+        self.rows = torch.empty(0, dtype=torch.long, device=base.device)
+        self.row_values = base.new_empty(0, base.shape[1])
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Current rows for any index tensor: idx [...] -> [..., d_v]."""
+        flat = idx.reshape(-1)
+        out = self.base[flat]
+        if self.rows.numel():
+            pos = torch.searchsorted(self.rows, flat).clamp_max(self.rows.numel() - 1)
+            hit = self.rows[pos] == flat
+            out = torch.where(hit[:, None], self.row_values[pos], out)
+        return out.view(*idx.shape, -1)
+
+    def add(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
+        """values[rows] += delta for sorted unique `rows` (out of place, so autograd sees every write)."""
+        merged = torch.unique(torch.cat([self.rows, rows]))
+        current = self.gather(merged)
+        self.row_values = current.index_add(0, torch.searchsorted(merged, rows), delta)
+        self.rows = merged
+
+    def materialize(self) -> torch.Tensor:
+        """The full table with the overlay applied (one O(N) copy, at the end of a scan)."""
+        if not self.rows.numel():
+            return self.base
+        return self.base.index_copy(0, self.rows, self.row_values)
+
+
+def value_write(idx, weight, v_hat, target, gate, has_target, *, value_lr: float = 1.0):
+    """Closed-form value step of one chunk (method Eqs. 13-15 and 3.4, "exact value step").
+
+    dV_i = -value_lr * (k*H) * (B*C / M) * (1 / N_read_i) * sum_{(b,t) reading i, with target} g_bt * w_bti * (v_hat_bt - target_bt)
+
+    idx, weight [B, C, H, k]; v_hat, target [B, C, d_v]; gate [B, C]; has_target [B, C] bool.
+    N_read counts all B*C*H*k reads of the chunk; M counts the tokens with a target.
+    Returns (rows [U] sorted unique, delta [U, d_v]), or None when no token has a target.
+    """
+    B, C, H, k = idx.shape
+    num_targets = int(has_target.sum())
+    if num_targets == 0:
+        return None
+    rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
+    reads = torch.bincount(inverse, minlength=rows.numel()).to(v_hat.dtype)         # N_read per touched row
+    coef = ((gate * has_target)[:, :, None, None] * weight).reshape(-1, 1)          # [B*C*H*k, 1]
+    resid = (v_hat - target)[:, :, None, None, :].expand(B, C, H, k, -1).reshape(-1, v_hat.shape[-1])
+    sums = v_hat.new_zeros(rows.numel(), v_hat.shape[-1]).index_add(0, inverse, coef * resid)
+    scale = value_lr * (k * H) * (B * C / num_targets)
+    return rows, -scale * sums / reads[:, None]
+
+
+class ScanResult(NamedTuple):
+    v_hat: torch.Tensor        # [B, T, d_v] reads, each with the state from before its chunk
+    keys: torch.Tensor         # [H, 2, R, d_k/2] sub-keys after the last chunk
+    rows: torch.Tensor         # [U] slots written during the scan (sorted unique)
+    row_values: torch.Tensor   # [U, d_v] their values after the last chunk
+    idx: torch.Tensor          # [B, T, H, k] slots read by each token
+
+
+def _targets(v: torch.Tensor, start: int, end: int, lookahead: int):
+    """Targets v_{t+lookahead} for t in [start, end) and a mask of tokens whose target is inside the chunk."""
+    C = end - start
+    target = torch.zeros_like(v[:, start:end])
+    has = torch.zeros(C, dtype=torch.bool, device=v.device)
+    n = C - lookahead
+    if n > 0:
+        target[:, :n] = v[:, start + lookahead:end]
+        has[:n] = True
+    return target, has
+
+
+def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, addr_loss_weight,
+                 value_lr, key_lr, score, addr_loss) -> ScanResult:
+    """One state shared by the whole batch, read-then-write per chunk."""
+    B, T, H, _ = q.shape
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys, values))
+    table = RowOverlay(values)
+    outs, idxs = [], []
+    for start in range(0, T, chunk_size):
+        end = min(start + chunk_size, T)
+        C = end - start
+        qc = q[:, start:end].reshape(B * C, H, -1)
+        target, has = _targets(v, start, end, lookahead)
+        gate = g[:, start:end]
+        with torch.enable_grad():  # the key step needs autograd even in eval (then first-order only)
+            k_in = keys if differentiable and keys.requires_grad else keys.detach().requires_grad_()
+            addr = pkm_address(qc, k_in, topk=top_k, score=score, eps=eps)
+            v_hat = torch.einsum("mhk,mhkd->md", addr.weight, table.gather(addr.idx)).view(B, C, -1)
+            if addr_loss:
+                key_loss = addr_loss_weight * addressing_loss(addr)
+            else:  # ablation: no addressing loss, the memorization MSE moves the keys as well
+                m = max(int(has.sum()) * B, 1)
+                key_loss = 0.5 * (B * C / m) * ((gate * has)[..., None] * (v_hat - target).square()).sum()
+            (key_grad,) = torch.autograd.grad(key_loss, k_in, create_graph=differentiable)
+        weight = addr.weight.view(B, C, H, top_k)
+        if not differentiable:
+            v_hat, weight = v_hat.detach(), weight.detach()
+        idx = addr.idx.view(B, C, H, top_k)
+        write = value_write(idx, weight, v_hat, target, gate, has.expand(B, C), value_lr=value_lr)
+        if write is not None:
+            table.add(*write)
+        keys = k_in - key_lr * key_grad
+        if not differentiable:
+            keys = keys.detach()
+        outs.append(v_hat)
+        idxs.append(idx)
+    return ScanResult(torch.cat(outs, 1), keys, table.rows, table.row_values, torch.cat(idxs, 1))
+
+
+def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead: int = 1,
+                    eps: float = 1e-3, addr_loss_weight: float = 1.0, value_lr: float = 1.0,
+                    key_lr: float = 1.0, score: str = "idw", addr_loss: bool = True,
+                    per_sequence: bool = False) -> ScanResult:
+    """The chunked FwPKM scan, returning the written rows instead of a new full table.
+
+    With `per_sequence`, every sequence starts from (keys, values) and its writes are private: the
+    returned keys/rows describe no change to the shared state (keys is the input, rows empty).
+    """
+    kw = dict(top_k=top_k, chunk_size=chunk_size, lookahead=lookahead, eps=eps, addr_loss_weight=addr_loss_weight,
+              value_lr=value_lr, key_lr=key_lr, score=score, addr_loss=addr_loss)
+    if not per_sequence:
+        return _scan_shared(q, v, g, keys, values, **kw)
+    parts = [_scan_shared(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, **kw) for b in range(q.shape[0])]
+    no_rows = torch.empty(0, dtype=torch.long, device=values.device)
+    return ScanResult(torch.cat([p.v_hat for p in parts]), keys, no_rows, values.new_empty(0, values.shape[1]),
+                      torch.cat([p.idx for p in parts]))
+
+
+def fwpkm_scan(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead: int = 1, eps: float = 1e-3,
+               addr_loss_weight: float = 1.0, value_lr: float = 1.0, key_lr: float = 1.0, **options):
+    """Read-then-write FwPKM scan over chunks of one sequence batch (method 3.6, Algorithm 1).
+
+    Args:
+        q: [B, T, H, d_k] queries.
+        v: [B, T, d_v] value targets (already z-scored when that is on).
+        g: [B, T] per-token loss weights (the gate, or ones when gate-weighting is off).
+        keys: [H, 2, R, d_k/2] sub-key codebooks; values: [N, d_v] value table, N = R*R.
+        top_k, chunk_size, lookahead, eps: k, C, target offset, IDW epsilon.
+        addr_loss_weight, value_lr, key_lr: addressing-loss weight and the fast-weight SGD steps.
+        options: score ("idw"|"dot"), addr_loss (bool), per_sequence (bool); see fwpkm_scan_rows.
+    Returns:
+        (v_hat [B, T, d_v], keys [H, 2, R, d_k/2], values [N, d_v]) - the reads and the state after the
+        last chunk. Differentiable end to end when any input requires grad (no stop-gradient);
+        under torch.no_grad the writes are first-order and carry no graph.
+    """
+    res = fwpkm_scan_rows(q, v, g, keys, values, top_k=top_k, chunk_size=chunk_size, lookahead=lookahead, eps=eps,
+                          addr_loss_weight=addr_loss_weight, value_lr=value_lr, key_lr=key_lr, **options)
+    new_values = values.index_copy(0, res.rows, res.row_values) if res.rows.numel() else values
+    return res.v_hat, res.keys, new_values
