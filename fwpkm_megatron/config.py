@@ -80,6 +80,7 @@ class FwPKMConfig:
     gate: bool = True            # learned scalar gate mixing memory and dense value (off: output = read)
     gate_weighted_loss: bool = True  # weight each token's memorization loss by its gate
     value_zscore: bool = True    # z-score the value targets along d_v (App. A.3)
+    detach_writes: bool = False  # stop-gradient through the writes (first-order; the paper backprops through them)
     value_lr: float = 1.0        # fast-weight SGD step on values
     key_lr: float = 1.0          # fast-weight SGD step on sub-keys
     policy: str = "persistent"   # persistent | persistent_local | per_sequence

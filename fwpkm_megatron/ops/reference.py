@@ -168,7 +168,7 @@ def _targets(v: torch.Tensor, start: int, end: int, lookahead: int):
 
 
 def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, addr_loss_weight,
-                 value_lr, key_lr, score, addr_loss) -> ScanResult:
+                 value_lr, key_lr, score, addr_loss, detach_writes) -> ScanResult:
     """One state shared by the whole batch, read-then-write per chunk."""
     B, T, H, _ = q.shape
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys, values))
@@ -189,16 +189,20 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
             else:  # ablation: no addressing loss, the memorization MSE moves the keys as well
                 m = max(int(has.sum()) * B, 1)
                 key_loss = 0.5 * (B * C / m) * ((gate * has)[..., None] * (v_hat - target).square()).sum()
-            (key_grad,) = torch.autograd.grad(key_loss, k_in, create_graph=differentiable)
+            (key_grad,) = torch.autograd.grad(key_loss, k_in, retain_graph=differentiable,
+                                              create_graph=differentiable and not detach_writes)
         weight = addr.weight.view(B, C, H, top_k)
         if not differentiable:
             v_hat, weight = v_hat.detach(), weight.detach()
         idx = addr.idx.view(B, C, H, top_k)
-        write = value_write(idx, weight, v_hat, target, gate, has.expand(B, C), value_lr=value_lr)
+        w_in = (weight, v_hat, target, gate)
+        if detach_writes:  # ablation: first-order fast weights, the LM loss does not see through writes
+            w_in = tuple(t.detach() for t in w_in)
+        write = value_write(idx, *w_in, has.expand(B, C), value_lr=value_lr)
         if write is not None:
             table.add(*write)
         keys = k_in - key_lr * key_grad
-        if not differentiable:
+        if not differentiable or detach_writes:
             keys = keys.detach()
         outs.append(v_hat)
         idxs.append(idx)
@@ -208,14 +212,15 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
 def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead: int = 1,
                     eps: float = 1e-3, addr_loss_weight: float = 1.0, value_lr: float = 1.0,
                     key_lr: float = 1.0, score: str = "idw", addr_loss: bool = True,
-                    per_sequence: bool = False) -> ScanResult:
+                    per_sequence: bool = False, detach_writes: bool = False) -> ScanResult:
     """The chunked FwPKM scan, returning the written rows instead of a new full table.
 
     With `per_sequence`, every sequence starts from (keys, values) and its writes are private: the
     returned keys/rows describe no change to the shared state (keys is the input, rows empty).
+    With `detach_writes` the writes carry no gradient (a first-order ablation; the paper has none).
     """
     kw = dict(top_k=top_k, chunk_size=chunk_size, lookahead=lookahead, eps=eps, addr_loss_weight=addr_loss_weight,
-              value_lr=value_lr, key_lr=key_lr, score=score, addr_loss=addr_loss)
+              value_lr=value_lr, key_lr=key_lr, score=score, addr_loss=addr_loss, detach_writes=detach_writes)
     if not per_sequence:
         return _scan_shared(q, v, g, keys, values, **kw)
     parts = [_scan_shared(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, **kw) for b in range(q.shape[0])]
@@ -235,7 +240,7 @@ def fwpkm_scan(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead:
         keys: [H, 2, R, d_k/2] sub-key codebooks; values: [N, d_v] value table, N = R*R.
         top_k, chunk_size, lookahead, eps: k, C, target offset, IDW epsilon.
         addr_loss_weight, value_lr, key_lr: addressing-loss weight and the fast-weight SGD steps.
-        options: score ("idw"|"dot"), addr_loss (bool), per_sequence (bool); see fwpkm_scan_rows.
+        options: score ("idw"|"dot"), addr_loss, per_sequence, detach_writes (bools); see fwpkm_scan_rows.
     Returns:
         (v_hat [B, T, d_v], keys [H, 2, R, d_k/2], values [N, d_v]) - the reads and the state after the
         last chunk. Differentiable end to end when any input requires grad (no stop-gradient);

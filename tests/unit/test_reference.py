@@ -13,7 +13,13 @@ import torch
 from fwpkm_megatron import ops
 from fwpkm_megatron.ops import reference
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
 
 
 def make_inputs(B=2, T=11, H=1, R=5, d_k=6, d_v=4, seed=0, requires_grad=False):

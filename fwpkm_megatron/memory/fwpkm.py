@@ -1,0 +1,125 @@
+"""FwPKM block: a sparse episodic memory rewritten by chunk-level gradient descent while it reads.
+
+Method notes section 3 (docs/method.md). The block is a residual branch placed *before* the token
+mixer of its layer (3.10): h <- h + FwPKMBlock(h). Slow weights (projections, norms, gate) are trained
+by the outer optimizer through the in-forward writes; the fast weights live in a `FastWeightState`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import FwPKMConfig
+from .state import FastWeightState
+
+ZSCORE_EPS = 1e-6  # App. A.3: v <- (v - mean) / (std + 1e-6), torch's unbiased std
+
+
+class ZeroCenteredRMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w), w zero-initialized (the Qwen3-Next form the method uses)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * (1 + self.weight.float())).to(x.dtype)
+
+
+def zscore(v: torch.Tensor) -> torch.Tensor:
+    """Standardize along the feature dim (App. A.3), used both as target and in the residual mix."""
+    return (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + ZSCORE_EPS)
+
+
+def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out)
+    nn.init.normal_(layer.weight, std=std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def read_statistics(idx: torch.Tensor, num_slots: int) -> dict[str, float]:
+    """Slot usage of a batch of reads (method 5.7 D.3): coverage, collision rate, KL(usage || uniform)."""
+    counts = torch.bincount(idx.reshape(-1), minlength=num_slots).double()
+    total = counts.sum()
+    p = counts / total
+    used = p > 0
+    return {
+        "coverage": float(used.double().mean()),
+        "collision_rate": float(counts[counts > 1].sum() / total),
+        "kl_uniform": float((p[used] * torch.log(p[used] * num_slots)).sum()),
+    }
+
+
+class FwPKMBlock(nn.Module):
+    """q/v/g projections -> chunked IDW product-key read-then-write -> gated mix -> RMSNorm -> projection.
+
+    Args:
+        config: megatron TransformerConfig (hidden_size, init_method_std, layernorm_epsilon).
+        cfg: FwPKMConfig (table size, top-k, chunk, ablation switches, fast-weight policy).
+        layer_id: 0-indexed global layer id (for names in logs).
+    Input and output are [s, b, h] (megatron's layout); the output is the branch, added by the caller.
+    """
+
+    def __init__(self, config, cfg: FwPKMConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        h, std, eps = config.hidden_size, config.init_method_std, config.layernorm_epsilon
+        self.q_norm, self.q_proj = ZeroCenteredRMSNorm(h, eps), _linear(h, cfg.heads * cfg.d_k, std)
+        self.v_norm, self.v_proj = ZeroCenteredRMSNorm(h, eps), _linear(h, cfg.d_v, std)
+        if cfg.gate:
+            self.gate_norm, self.gate_proj = ZeroCenteredRMSNorm(h, eps), _linear(h, 1, std)
+        self.out_norm, self.out_proj = ZeroCenteredRMSNorm(cfg.d_v, eps), _linear(cfg.d_v, h, std)
+        # drawn from the global RNG, so the initial memory follows the run's seed
+        self.state = FastWeightState(num_slots=cfg.num_slots, d_k=cfg.d_k, d_v=cfg.d_v, heads=cfg.heads,
+                                     init_seed=int(torch.randint(2**62, ())))
+        self.last_reads: torch.Tensor | None = None   # [b, s, H, k] slots read by the last forward
+        self.last_gate: torch.Tensor | None = None    # [b, s] gates of the last forward
+
+    def project(self, x: torch.Tensor):
+        """Slow-weight inputs of the memory (method 3.1), in fp32: q [b,s,H,d_k], v [b,s,d_v], g [b,s] or None."""
+        b, s, _ = x.shape
+        q = self.q_proj(self.q_norm(x)).float().view(b, s, self.cfg.heads, self.cfg.d_k)
+        v = self.v_proj(self.v_norm(x)).float()
+        if self.cfg.value_zscore:
+            v = zscore(v)
+        g = torch.sigmoid(self.gate_proj(self.gate_norm(x)).float()).squeeze(-1) if self.cfg.gate else None
+        return q, v, g
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        x = hidden_states.transpose(0, 1)                                    # [b, s, h]
+        q, v, g = self.project(x)
+        loss_weight = g if (g is not None and cfg.gate_weighted_loss) else torch.ones_like(v[..., 0])
+        per_sequence = cfg.policy == "per_sequence"
+        scan_in = (q, v, loss_weight)
+        if not self.training:  # eval: first-order writes, no graph through them
+            scan_in = tuple(t.detach() for t in scan_in)
+        res = ops.fwpkm_scan_rows(
+            *scan_in, self.state.keys, self.state.values, backend=cfg.backend, top_k=cfg.topk,
+            chunk_size=cfg.chunk_size, lookahead=cfg.lookahead, eps=cfg.eps, addr_loss_weight=cfg.addr_loss_weight,
+            value_lr=cfg.value_lr, key_lr=cfg.key_lr, score=cfg.score, addr_loss=cfg.addr_loss,
+            per_sequence=per_sequence, detach_writes=cfg.detach_writes)
+        if not per_sequence:  # persistent: the state after the last chunk carries to the next forward
+            self.state.commit(res.keys, res.rows, res.row_values)
+        mixed = res.v_hat if g is None else g[..., None] * res.v_hat + (1 - g[..., None]) * v     # Eq. 12
+        out = self.out_proj(self.out_norm(mixed.to(hidden_states.dtype)))
+        self.last_reads = res.idx.detach()
+        self.last_gate = None if g is None else g.detach()
+        return out.transpose(0, 1)                                           # [s, b, h]
+
+    def statistics(self) -> dict[str, float]:
+        """Read statistics and mean gate of the last forward (empty before the first)."""
+        if self.last_reads is None:
+            return {}
+        stats = read_statistics(self.last_reads, self.cfg.num_slots)
+        if self.last_gate is not None:
+            stats["gate_mean"] = float(self.last_gate.mean())
+        return stats
+
+
+__all__ = ["FwPKMBlock", "ZeroCenteredRMSNorm", "read_statistics", "zscore"]

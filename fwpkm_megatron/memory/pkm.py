@@ -1,0 +1,49 @@
+"""Static product-key memory replacing the MLP of its layer (method 2.4, the FwPKM paper's PKM baseline).
+
+Query Linear -> RMSNorm over H*d_k -> per-head dot-product product-key top-k -> softmax per head ->
+sum of the H*k value rows -> Memory+ "swilu" output: value_proj(read * SiLU(swilu_proj(x))).
+Keys and values are ordinary Parameters trained by the outer optimizer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..config import PKMConfig
+
+QUERY_NORM_EPS = 1e-6  # the baseline's RMSNorm on the query
+
+
+class PKMMLP(nn.Module):
+    """Megatron MLP contract: forward(hidden [s, b, h]) -> (output [s, b, h], bias=None)."""
+
+    def __init__(self, config, cfg: PKMConfig, **unused):
+        super().__init__()
+        self.cfg = cfg
+        h, std = config.hidden_size, config.init_method_std
+        R = math.isqrt(cfg.num_slots)
+        self.query = nn.Linear(h, cfg.heads * cfg.d_k)
+        self.query_norm = nn.RMSNorm(cfg.heads * cfg.d_k, eps=QUERY_NORM_EPS)
+        bound = cfg.d_k ** -0.5
+        self.sub_keys = nn.Parameter(torch.empty(cfg.heads, 2, R, cfg.d_k // 2).uniform_(-bound, bound))
+        self.values = nn.Parameter(torch.randn(cfg.num_slots, cfg.d_v) * cfg.d_v ** -0.5)
+        self.swilu_proj = nn.Linear(h, cfg.d_v)
+        self.value_proj = nn.Linear(cfg.d_v, h)
+        for lin in (self.query, self.swilu_proj, self.value_proj):
+            nn.init.normal_(lin.weight, std=std)
+            nn.init.zeros_(lin.bias)
+        self.last_reads: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        s, b, h = hidden_states.shape
+        x = hidden_states.reshape(s * b, h)
+        q = self.query_norm(self.query(x)).view(s * b, self.cfg.heads, self.cfg.d_k)     # [M, H, d_k]
+        addr = ops.pkm_address(q, self.sub_keys, topk=self.cfg.topk, score=self.cfg.score, joint_softmax=False)
+        read = ops.pkm_read(self.values, addr.idx, addr.weight)                          # [M, d_v]
+        out = self.value_proj(read * F.silu(self.swilu_proj(x)))
+        self.last_reads = addr.idx.detach()
+        return out.view(s, b, h), None

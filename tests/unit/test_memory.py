@@ -1,0 +1,204 @@
+"""The FwPKM and PKM layers: fast-weight policies, ablation switches, gradient paths, state handling.
+
+The math itself is proven in test_reference.py; here each test checks what a layer switch or policy
+must (and must not) change. A new switch gets a case in `ABLATIONS`.
+"""
+import dataclasses
+import types
+
+import pytest
+import torch
+
+from fwpkm_megatron.config import FwPKMConfig, PKMConfig
+from fwpkm_megatron.memory import (PKMMLP, FwPKMBlock, fast_weight_states, gate_histograms, memory_stats,
+                                   reset_fast_weights, restore_fast_weights, snapshot_fast_weights)
+
+HIDDEN = 24
+MEGATRON_CFG = types.SimpleNamespace(hidden_size=HIDDEN, init_method_std=0.2, layernorm_epsilon=1e-5)
+BASE = FwPKMConfig(num_slots=36, d_k=8, d_v=12, topk=2, chunk_size=4)
+
+
+def make_block(seed=0, **changes) -> FwPKMBlock:
+    torch.manual_seed(seed)
+    return FwPKMBlock(MEGATRON_CFG, dataclasses.replace(BASE, **changes), layer_id=1)
+
+
+def hidden(s=11, b=3, seed=1):
+    return torch.randn(s, b, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def test_persistent_state_carries_across_forwards():
+    block = make_block()
+    x = hidden()
+    before = block.state.snapshot()
+    first = block(x)
+    after = block.state.snapshot()
+    assert not torch.equal(before["values"], after["values"]) and not torch.equal(before["keys"], after["keys"])
+    second = block(x)
+    assert not torch.allclose(first, second), "the second read must see the first forward's writes"
+    assert not block.state.values.requires_grad and not block.state.keys.requires_grad
+
+
+def test_per_sequence_isolates_sequences_and_keeps_state():
+    block = make_block(policy="per_sequence")
+    x = hidden()
+    before = block.state.snapshot()
+    out = block(x)
+    x2 = x.clone()
+    x2[:, 1] += 1.0          # change sequence 1 only
+    out2 = block(x2)
+    torch.testing.assert_close(out2[:, 0], out[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(out2[:, 2], out[:, 2], rtol=0, atol=0)
+    for key, value in block.state.snapshot().items():
+        assert torch.equal(value, before[key]), f"per_sequence must not change the stored {key}"
+
+
+def test_layer_is_causal_across_chunk_writes():
+    block = make_block()
+    snap = block.state.snapshot()
+    x = hidden(s=13)
+    base = block(x)
+    for t in (3, 4, 10):
+        block.state.restore(snap)
+        x2 = x.clone()
+        x2[t] += 1.0
+        out = block(x2)
+        torch.testing.assert_close(out[:t], base[:t], rtol=0, atol=0)
+
+
+def _grad_through_writes(block):
+    """Gradient of the last chunk's output w.r.t. v_proj when the output has no dense value path."""
+    x = hidden(s=12)
+    out = block(x)
+    out[8:].square().sum().backward()
+    return block.v_proj.weight.grad
+
+
+def test_gradients_reach_slow_weights_through_writes():
+    grad = _grad_through_writes(make_block(gate=False))   # no gate: the read is the only output path
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_detach_writes_stops_gradient_through_writes():
+    grad = _grad_through_writes(make_block(gate=False, detach_writes=True))
+    assert grad is None or grad.abs().sum() == 0
+
+
+def test_eval_mode_writes_carry_no_graph():
+    block = make_block().eval()
+    x = hidden().requires_grad_()
+    out = block(x)
+    assert out.requires_grad  # slow-weight paths still differentiable
+    assert not block.state.values.requires_grad and not block.state.keys.requires_grad
+
+
+def _state_after(block):
+    block(hidden())
+    return block.state.snapshot()
+
+
+def _first_chunk_output(block):
+    return block(hidden())[: block.cfg.chunk_size]
+
+
+ABLATIONS = {
+    # switch: (changes, what must differ from the default)
+    "lookahead0": dict(lookahead=0),
+    "no_addr_loss": dict(addr_loss=False),
+    "no_gate_weighted_loss": dict(gate_weighted_loss=False),
+    "no_value_zscore": dict(value_zscore=False),
+    "dot_scores": dict(score="dot"),
+    "heads4": dict(heads=4),
+    "topk3": dict(topk=3),
+    "no_gate": dict(gate=False),
+}
+
+
+@pytest.mark.parametrize("changes", ABLATIONS.values(), ids=ABLATIONS.keys())
+def test_ablation_switch_changes_the_write(changes):
+    default, ablated = _state_after(make_block()), _state_after(make_block(**changes))
+    differs = [not torch.equal(default[k], ablated[k]) if default[k].shape == ablated[k].shape else True
+               for k in ("keys", "values")]
+    assert any(differs)
+
+
+def test_addr_loss_switch_decides_what_moves_keys():
+    on, off = make_block(), make_block(addr_loss=False, addr_loss_weight=0.0)
+    zero_weight = make_block(addr_loss_weight=0.0)
+    k0 = on.state.keys.clone()
+    _state_after(zero_weight)
+    torch.testing.assert_close(zero_weight.state.keys, k0, rtol=0, atol=0)   # weight 0: keys fixed
+    _state_after(off)
+    assert not torch.equal(off.state.keys, k0)                               # MSE now moves the keys
+
+
+def test_loss_weighting_and_lookahead_leave_first_chunk_reads_alone():
+    """These switches act on writes only: the first chunk reads the initial state either way."""
+    ref = _first_chunk_output(make_block())
+    for changes in (dict(gate_weighted_loss=False), dict(lookahead=0), dict(addr_loss=False)):
+        torch.testing.assert_close(_first_chunk_output(make_block(**changes)), ref, rtol=0, atol=0)
+
+
+def test_value_zscore_switch():
+    x = hidden().transpose(0, 1)
+    _, v_on, _ = make_block().project(x)
+    _, v_off, _ = make_block(value_zscore=False).project(x)
+    torch.testing.assert_close(v_on.mean(-1), torch.zeros_like(v_on[..., 0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(v_on.std(-1), torch.ones_like(v_on[..., 0]), atol=1e-4, rtol=0)
+    assert v_off.mean(-1).abs().max() > 1e-3
+
+
+def test_gate_switch_removes_gate_and_its_statistics():
+    block = make_block(gate=False)
+    assert not hasattr(block, "gate_proj")
+    block(hidden())
+    assert "gate_mean" not in block.statistics() and block.last_gate is None
+
+
+def test_snapshot_restore_and_reset_roundtrip():
+    model = torch.nn.ModuleDict({"a": make_block(seed=0), "b": make_block(seed=1)})
+    initial = snapshot_fast_weights(model)
+    model["a"](hidden())
+    model["b"](hidden())
+    written = snapshot_fast_weights(model)
+    reset_fast_weights(model)
+    for name, state in fast_weight_states(model).items():
+        for key, value in state.snapshot().items():
+            assert torch.equal(value, initial[name][key])
+    restore_fast_weights(model, written)
+    for name, state in fast_weight_states(model).items():
+        for key, value in state.snapshot().items():
+            assert torch.equal(value, written[name][key])
+
+
+def test_fast_weights_are_fp32_buffers_outside_parameters():
+    block = make_block()
+    param_names = {n for n, _ in block.named_parameters()}
+    assert not any("state" in n for n in param_names)
+    sd = block.state_dict()
+    assert sd["state.values"].dtype == torch.float32 and sd["state.keys"].dtype == torch.float32
+    block.to(torch.bfloat16)
+    block.state.float()
+    assert block.state.values.dtype == torch.float32
+
+
+def test_memory_stats_and_gate_histograms_are_named_per_layer():
+    block = make_block()
+    model = torch.nn.ModuleDict({"blk": block})
+    block(hidden())
+    stats = memory_stats(model)
+    for key in ("coverage", "collision_rate", "kl_uniform", "gate_mean"):
+        assert f"memory/layer1/{key}" in stats
+    assert 0 < stats["memory/layer1/coverage"] <= 1
+    assert gate_histograms(model)["memory/layer1/gate"].numel() == 11 * 3
+
+
+def test_static_pkm_reads_and_trains_values():
+    torch.manual_seed(0)
+    pkm = PKMMLP(MEGATRON_CFG, PKMConfig(num_slots=49, d_k=8, d_v=12, heads=2, topk=3))
+    out, bias = pkm(hidden())
+    assert bias is None and out.shape == (11, 3, HIDDEN)
+    out.square().sum().backward()
+    touched = pkm.values.grad.abs().sum(-1) > 0
+    assert 0 < int(touched.sum()) <= 11 * 3 * 2 * 3, "only read rows get gradient"
+    assert pkm.sub_keys.grad.abs().sum() > 0
