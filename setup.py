@@ -1,0 +1,38 @@
+"""fwpkm-megatron: GPT pretraining with Fast-weight Product Key Memory on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fwpkm-megatron",
+    version="0.1.0",
+    description="Pretrain GPT language models with Fast-weight Product Key Memory (FwPKM) at cluster scale",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fwpkm_megatron", "fwpkm_megatron.*"]),
+    # Ranges, not pins: GPU clusters bring their own CUDA torch. The CPU pins live in the Makefile.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.17",
+        "deepspeed>=0.19",
+        "triton>=3.0",
+        "mosaicml-streaming>=0.13",
+        "tensorboard>=2.16",
+        "submitit>=1.5",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={
+        "console_scripts": [
+            "fwpkm-prep=fwpkm_megatron.cli.prep:main",
+            "fwpkm-train=fwpkm_megatron.cli.train:main",
+            "fwpkm-eval=fwpkm_megatron.cli.stubs:eval_main",
+            "fwpkm-export=fwpkm_megatron.cli.stubs:export_main",
+            "fwpkm-launch=fwpkm_megatron.cli.stubs:launch_main",
+        ]
+    },
+)
