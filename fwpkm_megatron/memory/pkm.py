@@ -38,7 +38,7 @@ class PKMMLP(nn.Module):
             nn.init.zeros_(lin.bias)
         self.last_reads: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, **unused):  # megatron passes e.g. padding_mask
         s, b, h = hidden_states.shape
         x = hidden_states.reshape(s * b, h)
         q = self.query_norm(self.query(x)).view(s * b, self.cfg.heads, self.cfg.d_k)     # [M, H, d_k]
