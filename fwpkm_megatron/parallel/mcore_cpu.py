@@ -1,0 +1,152 @@
+"""megatron-core 0.16.1 on a CPU-only machine: the one place the project works around its CUDA assumptions.
+
+`apply()` is idempotent and does nothing when CUDA is available, so the same code runs unchanged on GPUs.
+It covers what a GPTModel built from the local spec needs for forward and backward, megatron's RNG
+tracker (`model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()`, the recompute RNG
+save/restore). `parallel_state.initialize_model_parallel` on gloo needs no patch (its CUDA calls sit on
+the NCCL/SHARP paths only). Nothing in `torch` itself is changed: the patches are scoped to the megatron
+modules listed in `_MODULES` (see docs: cpu-stack-notes.md, section 2 and Appendix A).
+
+Patches, each with the failure it removes:
+
+1. The `torch` global of each module in `_MODULES` is replaced by `_CpuTorch`, a proxy that forwards every
+   attribute to the real `torch` except two:
+   - `torch.cuda` becomes `_CpuCuda`: `current_device()` returns the CPU device, `synchronize()` and
+     `empty_cache()` are no-ops, and `manual_seed`/`get_rng_state`/`set_rng_state` act on the CPU default
+     generator. Without it, `RotaryEmbedding.__init__`/`get_emb` (inv_freq placement),
+     `GlobalMemoryBuffer.get_tensor` (DotProductAttention's score buffer) and
+     `model_parallel_cuda_manual_seed` fail with "Torch not compiled with CUDA enabled".
+   - tensor factories (`zeros`, `empty`, `arange`, ...) map `device="cuda"` to the CPU. Without it the stock
+     causal mask (`transformer.utils.get_default_causal_mask`, used when no mask is passed) fails the same way.
+   The CPU generator stands in for the CUDA one because on a CPU every random op (dropout, init) draws
+   from it; the tracker's `fork()` must therefore swap *its* state. (Mapping `torch.cuda.manual_seed` to
+   `torch.manual_seed` would recurse: `torch.manual_seed` calls `torch.cuda.manual_seed_all`.)
+2. `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state` are replaced by CPU-generator
+   versions. The originals index `torch.cuda.default_generators` and call `_C._cuda_setRNGState`; the
+   tracker's `add`/`fork` and `CheckpointFunction` (full recompute) go through them.
+
+Not covered (later parallel/training work extends `_MODULES` or adds a patch here, with its reason):
+megatron's optimizer, grad clipping, DDP buffers, the pipeline schedules' `device="cuda"` tensors,
+`Tensor.cuda()` on tied embeddings with PP > 1, and `parallel_state.update_pg_timeout`.
+"""
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+
+# megatron modules whose `torch` global is replaced by the proxy; each line names the call that needs it.
+_MODULES = (
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",  # inv_freq on current_device()
+    "megatron.core.utils",                                          # GlobalMemoryBuffer.get_tensor
+    "megatron.core.tensor_parallel.random",                         # torch.cuda.manual_seed / get_rng_state
+    "megatron.core.transformer.utils",                              # get_default_causal_mask(device="cuda")
+)
+
+_FACTORIES = frozenset({
+    "arange", "as_tensor", "empty", "empty_like", "eye", "full", "full_like", "ones", "ones_like",
+    "rand", "randint", "randn", "tensor", "tril", "triu", "zeros", "zeros_like",
+})
+
+_applied = False
+
+
+def _to_cpu(device):
+    """Map a CUDA device spec (str, torch.device, or bare index) to the CPU; leave anything else alone."""
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu")
+    return device
+
+
+def _cpu_factory(fn):
+    """Wrap a torch tensor factory so that `device="cuda"` allocates on the CPU."""
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu(kwargs["device"])
+        return fn(*args, **kwargs)
+    factory.__name__ = getattr(fn, "__name__", "factory")
+    return factory
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    """Stand-in for `_get_cuda_rng_state`: the CPU default generator's state."""
+    state = torch.default_generator.get_state()
+    return state.clone() if clone else state
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    """Stand-in for `_set_cuda_rng_state`: restore the CPU default generator."""
+    torch.default_generator.set_state(new_state)
+
+
+class _CpuCuda(types.ModuleType):
+    """What `torch.cuda` looks like to the patched megatron modules: the CPU, with its generator as RNG."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(device=None):
+        return None
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+    @staticmethod
+    def manual_seed(seed):
+        # Not torch.manual_seed: that calls torch.cuda.manual_seed_all and would recurse here.
+        torch.default_generator.manual_seed(int(seed))
+
+    @staticmethod
+    def get_rng_state(device="cuda"):
+        return torch.default_generator.get_state()
+
+    @staticmethod
+    def set_rng_state(new_state, device="cuda"):
+        torch.default_generator.set_state(new_state)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuTorch(types.ModuleType):
+    """Stand-in for the `torch` global of the modules in `_MODULES`; see the module docstring."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.__dict__["cuda"] = _CpuCuda()
+
+    def __getattr__(self, name):
+        obj = getattr(torch, name)
+        return _cpu_factory(obj) if name in _FACTORIES else obj
+
+
+def is_applied() -> bool:
+    """True once `apply()` has patched megatron-core (always False on a CUDA machine)."""
+    return _applied
+
+
+def apply() -> None:
+    """Patch megatron-core for CPU (see the module docstring). Idempotent; a no-op when CUDA is available."""
+    global _applied
+    if torch.cuda.is_available() or _applied:
+        return
+    proxy = _CpuTorch()
+    for name in _MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
+    from megatron.core.tensor_parallel import random as mcore_random
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    _applied = True
