@@ -211,37 +211,40 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(p)
 
 
+_MISSING = object()
+
+
 def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
-    """Convert a YAML value to the annotated type, or record why it cannot be."""
+    """Convert a YAML value to the annotated type, or record why it cannot be (returning _MISSING)."""
     hint_s = str(hint)
     if value is None:
         if "None" in hint_s:
             return None
-        problems.append(f"{key}: null not allowed (expected {hint_s})")
-        return value
+        problems.append(f"{key}: null not allowed")
+        return _MISSING
     if hint_s.startswith("list"):
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
-        if not isinstance(value, list):
-            problems.append(f"{key}={value!r}: expected a list")
+        if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                  for x in value):
+            problems.append(f"{key}={value!r}: expected a list of numbers")
+            return _MISSING
         return value
-    for typ in (bool, int, float, str):
-        if hint_s.split(" |")[0] == typ.__name__:
-            if typ is float and isinstance(value, int) and not isinstance(value, bool):
-                return float(value)
-            if typ is float and isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-                problems.append(f"{key}={value!r}: expected {typ.__name__}")
-            return value
+    name = getattr(hint, "__name__", hint_s.split(" |")[0])  # `int`, or "int | None"
+    typ = {"bool": bool, "int": int, "float": float, "str": str}[name]
+    if typ is float and not isinstance(value, bool):
+        try:  # YAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        problems.append(f"{key}={value!r}: expected {name}")
+        return _MISSING
     return value
 
 
 def from_dict(tree: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from a nested dict, listing every unknown key and type error at once."""
+    """Build a RunConfig from a nested dict; every unknown key, type error and rule violation in one error."""
     problems: list[str] = []
     if not isinstance(tree, dict):
         raise ConfigError([f"top level: expected a mapping, got {type(tree).__name__}"])
@@ -258,15 +261,20 @@ def from_dict(tree: dict[str, Any]) -> RunConfig:
             if key not in hints:
                 problems.append(f"{f.name}.{key}: unknown key (known: {', '.join(sorted(hints))})")
                 continue
-            kwargs[key] = _coerce(value, hints[key], f"{f.name}.{key}", problems)
-        sections[f.name] = (cls, kwargs)
+            value = _coerce(value, hints[key], f"{f.name}.{key}", problems)
+            if value is not _MISSING:  # a bad value keeps the default, so the remaining rules can still run
+                kwargs[key] = value
+        sections[f.name] = cls(**kwargs)
     for key in tree:
         if key not in sections:
             problems.append(f"{key}: unknown section (known: {', '.join(sections)})")
+    run = RunConfig(**sections)
+    try:
+        validate(run)
+    except ConfigError as err:
+        problems += err.problems
     if problems:
         raise ConfigError(problems)
-    run = RunConfig(**{name: cls(**kwargs) for name, (cls, kwargs) in sections.items()})
-    validate(run)
     return run
 
 

@@ -1,0 +1,1 @@
+"""Command-line entry points. Each is a thin `main(argv=None) -> int` over the library."""

@@ -1,0 +1,51 @@
+"""fwpkm-train: train a GPT with FwPKM memory layers on one process.
+
+    fwpkm-train --config configs/tiny.yaml [section.key=value ...]
+    python -m fwpkm_megatron.cli.train --config configs/tiny.yaml train.steps=50 train.run_dir=runs/try
+
+A run whose `train.run_dir` already holds `checkpoints/latest` resumes from it. The config is validated
+before megatron-core and the data stack are imported, so a bad key fails in well under a second.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fwpkm_megatron.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fwpkm-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    try:
+        run = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"fwpkm-train: {exc}", file=sys.stderr)
+        return 2
+
+    from fwpkm_megatron.data import DataError          # slow imports start here
+    from fwpkm_megatron.training import CheckpointError, Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(run)
+        summary = trainer.train()
+    except (DataError, CheckpointError) as exc:
+        print(f"fwpkm-train: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+    print(f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} over {summary['steps']} steps"
+          f" ({summary['tokens_seen']:,} tokens, {summary['wall_seconds']:.1f} s)")
+    print(f"val loss {summary['val_loss']:.4f}, val ppl {summary['val_ppl']:.2f}")
+    print(f"checkpoint:  {summary['checkpoint']}")
+    print(f"tensorboard: {summary['tensorboard_dir']}  (tensorboard --logdir {summary['tensorboard_dir']})")
+    print(f"summary:     {run.train.run_dir}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Atomic, self-validating checkpoints for an exact resume (design decision 8).
+
+Layout under `run_dir/checkpoints/`:
+
+    step_00000123/
+        model.pt        model.state_dict(): slow weights and the fast-weight buffers (fp32)
+        optimizer.pt    AdamW state
+        trainer.pt      everything else the trainer's state_dict() holds: step, tokens_seen, losses,
+                        scheduler, train-stream position, RNG states (torch, random, numpy, megatron)
+        config.json     RunConfig.to_dict() of the run that wrote it
+        manifest.json   format version, step and the byte size of every file above; written last
+    latest              text file naming the newest complete step directory
+
+A checkpoint is written into `step_00000123.tmp/` and `os.replace`d into place, then `latest` is
+rewritten through a temporary file, so a crash at any point leaves the previous checkpoint intact and
+`latest` pointing at a complete directory. Every file is loaded with `torch.load(weights_only=True)`:
+RNG states are stored as tensors and plain numbers, never as pickled numpy objects.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Top-level keys of the trainer state that get a file of their own; the rest goes to trainer.pt.
+SEPARATE_FILES = ("model", "optimizer")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable; the message names the offending file."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ----------------------------------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> dict[str, Any]:
+    """RNG states of torch, python `random`, numpy and megatron's tracker, as weights_only-safe objects."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    tracker = _megatron_rng_tracker()
+    if tracker is not None:
+        state["megatron"] = {k: v.clone() for k, v in tracker.get_states().items()}
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    nps = state["numpy"]
+    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"],
+                         nps["has_gauss"], nps["cached"]))
+    tracker = _megatron_rng_tracker()
+    if tracker is not None and "megatron" in state:
+        tracker.set_states({k: v.clone() for k, v in state["megatron"].items()})
+
+
+def _megatron_rng_tracker():
+    """megatron's model-parallel RNG tracker when megatron is in use and seeded, else None."""
+    if "megatron.core" not in sys.modules:  # never import megatron just to look at its RNG
+        return None
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    tracker = get_cuda_rng_tracker()
+    return tracker if tracker.get_states() else None
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: dict[str, Any],
+                    *, keep_last: int) -> Path:
+    """Write `state` (a trainer state_dict) atomically as `root/step_{step:08d}` and point `latest` at it.
+
+    Args:
+        root: the checkpoints directory (`run_dir/checkpoints`), created if missing.
+        step: completed optimizer steps; names the directory.
+        state: nested dict of tensors and plain values; `model` and `optimizer` get their own files.
+        config: `RunConfig.to_dict()`, stored as JSON for readers and for resume checks.
+        keep_last: how many step directories to keep (older ones are deleted after `latest` moves).
+    Returns:
+        The path of the finished step directory.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # leftover of a save that crashed; never referenced by `latest`
+    tmp.mkdir()
+
+    files = {f"{key}.pt": state[key] for key in SEPARATE_FILES if key in state}
+    files["trainer.pt"] = {k: v for k, v in state.items() if k not in SEPARATE_FILES}
+    sizes = {}
+    for name, obj in files.items():
+        with open(tmp / name, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        sizes[name] = (tmp / name).stat().st_size
+    _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
+    manifest = {"format": FORMAT_VERSION, "step": step, "files": sizes}
+    _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+
+    if final.exists():  # re-saving a step (e.g. a resumed run that ends where it started)
+        stale = root / (final.name + ".old")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    write_atomic(root / LATEST, final.name + "\n")
+    _prune(root, keep_last, keep=final.name)
+    return final
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write a text file through `path.tmp` + `os.replace`, so readers see the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _write_text(tmp, text)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    """Delete all but the newest `keep_last` step directories (never `keep`)."""
+    steps = sorted(p.name for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+    for name in steps[:-keep_last] if keep_last > 0 else steps:
+        if name != keep:
+            shutil.rmtree(root / name)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The step directory `root/latest` points at, or None when there is no `latest` file.
+
+    Raises:
+        CheckpointError: `latest` names a directory that does not exist.
+    """
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not STEP_DIR.match(name) or not (Path(root) / name).is_dir():
+        raise CheckpointError(f"{pointer}: points at {name!r}, which is not a checkpoint directory")
+    return Path(root) / name
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read and validate a step directory written by `save_checkpoint`.
+
+    Returns:
+        (state, config): the trainer state_dict (tensors on CPU) and the stored config dict.
+    Raises:
+        CheckpointError: a file is missing, has the wrong size (truncated) or cannot be decoded;
+            the message names the file.
+    """
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing (incomplete checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        sizes = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable ({exc})") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, "
+                              f"this version reads {FORMAT_VERSION}")
+
+    loaded = {}
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        actual = file.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{file}: {actual} bytes, manifest says {size} (truncated or corrupt)")
+        try:
+            loaded[name] = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types (RuntimeError, UnpicklingError, EOFError)
+            raise CheckpointError(f"{file}: cannot be loaded (corrupt?): {type(exc).__name__}: {exc}") from None
+    config_path = path / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: unreadable ({exc})") from None
+
+    state = dict(loaded.pop("trainer.pt", {}))
+    for key in SEPARATE_FILES:
+        if f"{key}.pt" in loaded:
+            state[key] = loaded.pop(f"{key}.pt")
+    return state, config

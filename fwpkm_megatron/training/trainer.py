@@ -1,0 +1,314 @@
+"""The single-process training loop: one `Trainer` owning data, model, optimizer, logging and checkpoints.
+
+One step (method section 4.3; design decisions 3, 7, 8):
+
+    model.window_control.begin_step(step, seed, training=True)   # pSWA picks this step's window
+    loss = model(inputs, positions, labels=labels).mean()         # fast weights are written in the forward
+    loss.backward(); clip slow weights; AdamW step; scheduler step
+
+The trainer is Stateful: `state_dict()` holds everything an exact resume needs (model incl. fast-weight
+buffers, optimizer, scheduler, train-stream position, RNG states, counters, the loss history), and
+`checkpoint.py` writes it atomically. A run whose `run_dir/checkpoints/latest` exists resumes from it
+automatically; save -> load -> continue equals uninterrupted training bit for bit on CPU.
+
+Evaluation never changes training: fast weights are snapshotted before and restored after, the
+RNG is forked, and the val stream is rebuilt from scratch, so every evaluation sees the same batches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from fwpkm_megatron.config import RunConfig
+from fwpkm_megatron.training import checkpoint as ckpt
+from fwpkm_megatron.training.logging import RunLogger, format_bytes, format_count, format_step_line
+from fwpkm_megatron.training.optim import build_optimizer, clip_grad_norm
+
+FINAL_LOSS_WINDOW = 10  # summary.json's final_loss_mean_last_10 averages this many last steps
+
+
+class Trainer:
+    """Builds a run from its config and trains it.
+
+    Args:
+        run: a validated RunConfig.
+        console: where console lines go (stdout by default).
+
+    Raises:
+        fwpkm_megatron.data.DataError: the prepared data is missing or does not fit the config.
+        CheckpointError: `latest` exists but the checkpoint it names is incomplete or corrupt.
+    """
+
+    def __init__(self, run: RunConfig, *, console: TextIO | None = None):
+        from fwpkm_megatron.data import DataError, build_loader
+        from fwpkm_megatron.model import build_model
+        from fwpkm_megatron.parallel.groups import init_single_process
+
+        self.run = run
+        cfg = run.train
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.tb_dir = self.run_dir / "tensorboard"
+        self.step = 0             # completed optimizer steps
+        self.tokens_seen = 0
+        self.losses: list[float] = []
+        self.last_checkpoint: Path | None = None
+        self.val_loss: float | None = None
+
+        resume_from = ckpt.latest_checkpoint(self.ckpt_root)  # read and validate before building anything
+        state, saved_config = ckpt.load_checkpoint(resume_from) if resume_from else (None, None)
+
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        _seed_everything(cfg.seed)
+        init_single_process(cfg.seed)
+
+        self.train_stream = build_loader(run.data, "train", batch_size=cfg.micro_batch_size,
+                                         seq_len=cfg.seq_len, seed=cfg.seed)
+        try:
+            self.vocab_size = run.model.vocab_size or self.train_stream.vocab_size
+            if self.vocab_size < self.train_stream.vocab_size:
+                raise DataError(f"model.vocab_size={self.vocab_size} is smaller than the vocab "
+                                f"({self.train_stream.vocab_size}) of the data at {run.data.path}")
+            self.model = build_model(run, self.vocab_size)
+            self.device = next(self.model.parameters()).device  # batches follow the model
+            self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
+            self.slow_params = [p for p in self.model.parameters() if p.requires_grad]
+            self.tokens_per_step = cfg.micro_batch_size * cfg.seq_len  # world size 1
+            if state is not None:
+                self._load_checkpoint_state(state, resume_from)
+                self.last_checkpoint = resume_from
+        except BaseException:
+            self.train_stream.close()
+            raise
+        self.logger = RunLogger(self.tb_dir, purge_step=self.step + 1 if resume_from else None,
+                                stream=console)
+        if resume_from is not None:
+            self.logger.console(f"resuming from {resume_from} at step {self.step}/{cfg.steps}")
+            changed = _changed_keys(saved_config, run.to_dict())
+            if changed:
+                self.logger.console(f"config differs from the checkpoint's in: {', '.join(changed)}")
+        self._log_derived(fresh=resume_from is None)
+
+    # ---------------------------------------------------------------------------------- Stateful
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.train_stream.state_dict(),
+            "rng": ckpt.capture_rng_state(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "losses": list(self.losses),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_stream.load_state_dict(state["data"])
+        ckpt.restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.losses = [float(x) for x in state["losses"]]
+
+    def _load_checkpoint_state(self, state: dict[str, Any], path: Path) -> None:
+        """load_state_dict, with a model that does not fit the checkpoint reported as a CheckpointError."""
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"{path}: does not fit this run's model/optimizer/data "
+                                       f"(config changed?): {exc}") from None
+
+    # -------------------------------------------------------------------------------------- loop
+
+    def train(self, stop_at: int | None = None) -> dict[str, Any] | None:
+        """Train until `train.steps`, then save, evaluate and write `summary.json`.
+
+        Args:
+            stop_at: stop early after this many completed steps and save a checkpoint (as a preempted
+                run would); the next Trainer on the same run_dir resumes from it.
+        Returns:
+            The summary dict when the run reached `train.steps`, else None.
+        """
+        cfg = self.run.train
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        start_time, start_step = time.perf_counter(), self.step
+        while self.step < end:
+            metrics = self._train_step()
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log_memory(self.step)
+                self.logger.console(format_step_line(self.step, cfg.steps, metrics))
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evaluate()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
+                self.save()
+
+        if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.step_dir_name(self.step):
+            self.save()
+        if self.step < cfg.steps:
+            self.logger.console(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
+            self.logger.flush()
+            return None
+        self.evaluate()
+        summary = self._summary(time.perf_counter() - start_time, start_step)
+        ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.logger.flush()
+        return summary
+
+    def _train_step(self) -> dict[str, float]:
+        cfg = self.run.train
+        t0 = time.perf_counter()
+        self.model.train()
+        window = self.model.window_control.begin_step(self.step, cfg.seed, training=True)
+        batch = self.train_stream.next_batch()                               # [b, s+1]
+        loss = self._forward(batch).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_grad_norm(self.slow_params, cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        loss_value = loss.item()  # host sync
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.losses.append(loss_value)
+        metrics = {
+            "train/loss": loss_value,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": self.tokens_per_step / max(time.perf_counter() - t0, 1e-9),
+            "train/window": window or 0,  # attention window this step (pSWA draw); 0 = full attention
+        }
+        self.logger.scalars(metrics, self.step)
+        return metrics
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [b, s] of a [b, s+1] token batch (inputs = [:, :-1], labels = [:, 1:])."""
+        batch = batch.to(self.device, non_blocking=True)
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+        return self.model(inputs, positions, attention_mask=None, labels=labels)
+
+    # -------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean val loss over `eval_batches` batches of a freshly built val stream; logs val/loss, val/ppl.
+
+        Fast weights, RNG states and the train/eval mode are restored afterwards, so evaluating
+        never changes the training trajectory.
+        """
+        from fwpkm_megatron.data import build_loader
+        from fwpkm_megatron.memory import restore_fast_weights, snapshot_fast_weights
+
+        cfg = self.run.train
+        val_stream = build_loader(self.run.data, "val", batch_size=cfg.micro_batch_size,
+                                  seq_len=cfg.seq_len, seed=cfg.seed)
+        snapshot = snapshot_fast_weights(self.model)
+        was_training = self.model.training
+        total = 0.0
+        try:
+            with torch.random.fork_rng(devices=[]):
+                self.model.eval()
+                self.model.window_control.begin_step(self.step, cfg.seed, training=False)
+                for _ in range(cfg.eval_batches):
+                    total += self._forward(val_stream.next_batch()).float().mean().item()  # host sync
+        finally:
+            restore_fast_weights(self.model, snapshot)
+            self.model.train(was_training)
+            val_stream.close()
+        self.val_loss = total / cfg.eval_batches
+        ppl = math.exp(min(self.val_loss, 80.0))  # clamp: exp overflows past ~709; ppl e^80 is "diverged"
+        self.logger.scalars({"val/loss": self.val_loss, "val/ppl": ppl}, self.step)
+        self.logger.console(f"eval step {self.step} | val_loss {self.val_loss:.4f} | val_ppl {ppl:.2f}")
+        return self.val_loss
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current state (atomic; prunes to `keep_last`)."""
+        self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(),
+                                                    self.run.to_dict(), keep_last=self.run.train.keep_last)
+        self.logger.console(f"saved checkpoint {self.last_checkpoint}")
+        return self.last_checkpoint
+
+    def close(self) -> None:
+        """Release the train stream's readers and flush the event files."""
+        self.train_stream.close()
+        self.logger.close()
+
+    # ---------------------------------------------------------------------------------- logging
+
+    def _log_memory(self, step: int) -> None:
+        from fwpkm_megatron.memory import gate_histograms, memory_stats
+
+        self.logger.scalars(memory_stats(self.model), step)
+        self.logger.histograms(gate_histograms(self.model), step)
+
+    def _log_derived(self, fresh: bool) -> None:
+        """Derived numbers of the run (style item 8): console always, TensorBoard text on a fresh run."""
+        from fwpkm_megatron.memory import fast_weight_states
+
+        cfg = self.run.train
+        fast = [b for state in fast_weight_states(self.model).values() for b in state.buffers()]
+        fast_numel = sum(b.numel() for b in fast)
+        fast_bytes = sum(b.numel() * b.element_size() for b in fast)
+        slow_numel = sum(p.numel() for p in self.model.parameters())
+        lines = [
+            f"tokens per step: {self.tokens_per_step:,} ({cfg.micro_batch_size} seqs x {cfg.seq_len} tok"
+            f" x 1 rank); {cfg.steps} steps = {self.tokens_per_step * cfg.steps:,} tokens",
+            f"slow parameters: {slow_numel:,} ({format_count(slow_numel)}), optimized by AdamW",
+            f"fast weights: {fast_numel:,} ({format_count(fast_numel)}) in {len(fast)} buffers,"
+            f" {format_bytes(fast_bytes)} (never in the optimizer)",
+            f"vocab size: {self.vocab_size:,}; parallel layout: 1 process (TP=1, PP=1, DP=1)",
+        ]
+        for line in lines:
+            self.logger.console(line)
+        if fresh:
+            self.logger.text("run/derived", "\n".join(lines))
+            self.logger.text("run/config", json.dumps(self.run.to_dict(), indent=2))
+            self.logger.scalars({"run/tokens_per_step": self.tokens_per_step,
+                                 "run/slow_params": slow_numel, "run/fast_params": fast_numel,
+                                 "run/fast_bytes": fast_bytes}, 0)
+
+    def _summary(self, wall_seconds: float, start_step: int) -> dict[str, Any]:
+        tail = self.losses[-FINAL_LOSS_WINDOW:]
+        return {
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "losses": self.losses,
+            "first_loss": self.losses[0],
+            "final_loss": self.losses[-1],
+            f"final_loss_mean_last_{FINAL_LOSS_WINDOW}": sum(tail) / len(tail),
+            "val_loss": self.val_loss,
+            "val_ppl": math.exp(min(self.val_loss, 80.0)),
+            "checkpoint": str(self.last_checkpoint),
+            "tensorboard_dir": str(self.tb_dir),
+            "wall_seconds": wall_seconds,  # this process's train(): its steps, evals and saves (not the build)
+            "resumed_from_step": start_step,  # 0 for a fresh run; wall_seconds covers steps after this one
+        }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted `section.key` names whose values differ between two RunConfig dicts."""
+    changed = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        changed += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return changed

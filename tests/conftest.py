@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny prepared corpus (built once per session) and tiny run configs over it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_DATA_BYTES = 300_000  # a few hundred KB of stdlib source: ~100K tokens, seconds to prepare
+TINY_VOCAB = 512
+TINY_SEQ_LEN = 32
+
+# Model and memory sizes small enough for a step in tens of milliseconds on 2 cores.
+TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+              "model.max_seq_len=64", "model.window=16", "model.attention=pswa", "model.pswa_prob=0.5"]
+TINY_TRAIN = [f"train.seq_len={TINY_SEQ_LEN}", "train.micro_batch_size=4", "train.warmup_steps=2",
+              "train.log_every=2", "train.eval_batches=2", "train.threads=2"]
+TINY_FWPKM = ["fwpkm.layers=[0]", "fwpkm.num_slots=64", "fwpkm.d_k=16", "fwpkm.d_v=32", "fwpkm.topk=2",
+              "fwpkm.chunk_size=8"]
+TINY_PKM = ["pkm.layers=[1]", "pkm.num_slots=64", "pkm.d_k=16", "pkm.d_v=32", "pkm.heads=2", "pkm.topk=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared dataset (train/, val/, tokenizer.json) from a few hundred KB of the stdlib."""
+    from fwpkm_megatron.data import prepare_corpus
+
+    out = tmp_path_factory.mktemp("tiny_data") / "stdlib"
+    prepare_corpus(out, max_bytes=TINY_DATA_BYTES, vocab_size=TINY_VOCAB, seq_len=TINY_SEQ_LEN, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(tiny_data) -> list[str]:
+    """`section.key=value` overrides for the tiny model, memory layers and data (no run_dir)."""
+    return TINY_MODEL + TINY_TRAIN + TINY_FWPKM + TINY_PKM + [f"data.path={tiny_data}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_overrides):
+    """`tiny_run(run_dir, *overrides)` -> a validated RunConfig on the tiny dataset.
+
+    Layer 0 has an FwPKM branch and layer 1 a static PKM MLP, so fast weights and memory statistics
+    are part of every check.
+    """
+    from fwpkm_megatron.config import load_config
+
+    def make(run_dir: Path, *overrides: str):
+        return load_config(None, [*tiny_overrides, f"train.run_dir={run_dir}", *overrides])
+
+    return make
