@@ -13,7 +13,7 @@ TINY_SEQ_LEN = 32
 TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
               "model.max_seq_len=64", "model.window=16", "model.attention=pswa", "model.pswa_prob=0.5"]
 TINY_TRAIN = [f"train.seq_len={TINY_SEQ_LEN}", "train.micro_batch_size=4", "train.warmup_steps=2",
-              "train.log_every=2", "train.eval_batches=2", "train.threads=2"]
+              "train.log_every=2", "train.eval_batches=2", "train.threads=1"]
 TINY_FWPKM = ["fwpkm.layers=[0]", "fwpkm.num_slots=64", "fwpkm.d_k=16", "fwpkm.d_v=32", "fwpkm.topk=2",
               "fwpkm.chunk_size=8"]
 TINY_PKM = ["pkm.layers=[1]", "pkm.num_slots=64", "pkm.d_k=16", "pkm.d_v=32", "pkm.heads=2", "pkm.topk=2"]
@@ -48,3 +48,11 @@ def tiny_run(tiny_overrides):
         return load_config(None, [*tiny_overrides, f"train.run_dir={run_dir}", *overrides])
 
     return make
+
+
+def pytest_configure(config):
+    # Test shapes are tiny: one intra-op thread is fastest, and it never oversubscribes the cores
+    # when several test processes (or a parallel test's ranks) share the machine.
+    import torch
+
+    torch.set_num_threads(1)

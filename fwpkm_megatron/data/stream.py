@@ -1,0 +1,334 @@
+"""An endless, exactly resumable stream of token batches over one split of a prepared directory.
+
+`build_loader(data_cfg, "train", ...)` wraps a `streaming.StreamingDataset` + `StreamingDataLoader` and
+adds what a trainer needs on top: `next_batch()` rolls into the next epoch by itself, and
+`state_dict()`/`load_state_dict()` give an exact resume, epoch boundaries included.
+
+Epochs are counted, not detected: each epoch yields exactly `batches_per_epoch = len(dataset) //
+batch_size` batches (the partial last batch is dropped), the same on every rank, so ranks roll over at
+the same step and the resume position is just (epoch, batch_in_epoch). Epoch e's order depends only on
+(seed, e), so a resumed stream hands streaming {epoch e, sample_in_epoch k * batch_size * world_size}
+and continues identically. Loading a saved state into a used stream rewinds it (e.g. the same val
+batches at every evaluation).
+
+Rank layout. streaming reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE from the environment; it cannot be
+told a rank. `rank`/`world_size` here are the *data-parallel* rank and size and are checked against the
+environment: WORLD_SIZE must be world_size * r with r consecutive global ranks sharing one data rank
+(RANK // r == rank). r > 1 (tensor/context parallel inner to data parallel) becomes streaming's
+`replication`, so those ranks read identical batches. Pipeline stages fit only when data parallel is
+the outermost axis (megatron `order="tp-cp-ep-pp-dp"`); then every stage of a replica reads the same
+batches. Single process: leave the variables unset.
+If WORLD_SIZE > 1 and torch.distributed is not initialized, streaming initializes (and destroys) a
+process group itself; initialize it first. Construct streams on every rank in the same order
+(construction runs collectives), and call next_batch() on every rank of a node in step (streaming
+syncs the node's ranks at each epoch start through shared memory).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fwpkm_megatron.config import DataConfig
+from fwpkm_megatron.data.prepare import MANIFEST, SPLITS, TOKENIZER, DataError, read_manifest
+from fwpkm_megatron.data.streaming_compat import import_streaming
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+_swept = False  # the stale-shm sweep runs once per process, before its first StreamingDataset
+
+
+# ---------------------------------------------------------------- stale shared memory
+
+def _mapped_shm_names() -> set[str]:
+    """Basenames of /dev/shm files mapped by live processes of this user (from /proc/<pid>/maps)."""
+    names: set[str] = set()
+    uid = os.getuid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            with open(f"/proc/{entry.name}/maps") as maps:
+                for line in maps:
+                    at = line.find("/dev/shm/")
+                    if at >= 0:
+                        names.add(line[at + 9:].split()[0])
+        except OSError:  # the process exited, or its maps are private
+            continue
+    return names
+
+
+def sweep_stale_shared_memory() -> list[str]:
+    """Remove streaming's shared memory and filelocks that no live process uses; return the paths.
+
+    A crash that also kills Python's resource tracker (OOM killer, `kill -9` of a job) leaves
+    `/dev/shm/<prefix>_<name>` segments behind; later runs that share a local dir with a remote then
+    fail with "Reused local directory". Every exit also leaves `<tmp>/<prefix>_*_filelock` files, which
+    make each later dataset search past their prefixes. A prefix is stale when no live process of this
+    user maps any of its segments.
+
+    This is deliberately narrower than `streaming.base.util.clean_stale_shared_memory()`, which unlinks
+    every segment from prefix 0 up, including those of live datasets in this process (the train stream
+    when the val stream is built) or another job, and runs a barrier that hangs if ranks decide
+    differently. Linux only (/dev/shm and /proc); elsewhere a no-op.
+    """
+    constant = import_streaming().base.constant
+    shm_dir, tmp_dir = Path("/dev/shm"), Path(tempfile.gettempdir())
+    if not shm_dir.is_dir() or not Path("/proc/self/maps").exists():
+        return []
+    shm_pat = re.compile(r"^(\d{6})_(%s)$" % "|".join(map(re.escape, constant.SHM_TO_CLEAN)))
+    lock_pat = re.compile(r"^(\d{6})_(%s|%s)$" % (constant.BARRIER_FILELOCK, constant.CACHE_FILELOCK))
+    uid = os.getuid()
+
+    def owned(directory: Path, pattern: re.Pattern) -> dict[str, list[Path]]:
+        found: dict[str, list[Path]] = {}
+        for entry in os.scandir(directory):
+            match = pattern.match(entry.name)
+            try:
+                if match and entry.stat().st_uid == uid:
+                    found.setdefault(match[1], []).append(Path(entry.path))
+            except OSError:
+                continue
+        return found
+
+    segments, locks = owned(shm_dir, shm_pat), owned(tmp_dir, lock_pat)
+    if not segments and not locks:
+        return []
+    live = _mapped_shm_names()
+    live_prefixes = {p for p, paths in segments.items() if any(x.name in live for x in paths)}
+    # Filelocks go only while no dataset of this user is live: deleting one while another job's ranks
+    # walk the prefixes can make them pick different prefixes (streaming's prefix choice is not atomic).
+    candidates = list(segments.items()) + ([] if live_prefixes else list(locks.items()))
+    removed = []
+    for prefix, paths in candidates:
+        if prefix in live_prefixes:
+            continue
+        for path in paths:
+            try:
+                path.unlink()
+                removed.append(str(path))
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _sweep_once() -> None:
+    """Run the sweep on local rank 0 before this process's first stream; other ranks wait for it."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        removed = sweep_stale_shared_memory()
+        segments = sorted(p for p in removed if p.startswith("/dev/shm/"))
+        if segments:
+            log.warning("removed %d stale streaming shared-memory segments left by a crashed run: %s",
+                        len(segments), ", ".join(segments))
+        if len(removed) > len(segments):  # every exit leaves these; they only lengthen prefix search
+            log.debug("removed %d stale streaming filelocks", len(removed) - len(segments))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank may pick a shm prefix while rank 0 is still sweeping
+
+
+# ---------------------------------------------------------------- the stream
+
+def _collate_tokens(samples: list[dict[str, np.ndarray]], width: int) -> torch.Tensor:
+    """Stack samples cropped to `width` tokens -> int64 [B, width]. Module-level for worker pickling."""
+    return torch.from_numpy(np.stack([s["tokens"][:width] for s in samples]).astype(np.int64))
+
+
+def _data_replication(rank: int, world_size: int) -> int:
+    """How many consecutive global ranks share one data rank; DataError if env and args disagree."""
+    env_rank, env_world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+    replication = env_world // world_size
+    if env_world % world_size or env_rank // max(replication, 1) != rank:
+        raise DataError(
+            f"data rank {rank} of {world_size} does not fit the environment RANK={env_rank}, "
+            f"WORLD_SIZE={env_world} (unset = 0 and 1) that streaming partitions by: need WORLD_SIZE = "
+            f"world_size * r and RANK // r == rank (data-parallel outermost)")
+    return replication
+
+
+def _fetch_metadata(path: Path, remote: str) -> None:
+    """Download manifest.json and tokenizer.json from `remote` if they are not under `path` yet."""
+    streaming = import_streaming()
+    path.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST, TOKENIZER):
+        if (path / name).exists():
+            continue
+        part = path / f".{name}.{os.getpid()}.part"  # ranks of a node may fetch at once
+        try:
+            streaming.base.storage.CloudDownloader.direct_download(f"{remote}/{name}", str(part))
+            os.replace(part, path / name)
+        except Exception as exc:  # each cloud SDK raises its own types
+            raise DataError(f"{remote}/{name}: cannot fetch into {path} ({exc})") from None
+
+
+class TokenStream:
+    """Endless batches [batch_size, seq_len + 1] of int64 token ids from one split.
+
+    Attributes:
+        vocab_size, eos_id: from the prepared directory's manifest.
+        num_samples: samples in the split; batches_per_epoch: full batches each rank reads per epoch.
+        epoch, batch_in_epoch: position of the next batch (epoch advances after batches_per_epoch).
+    """
+
+    def __init__(self, data_cfg: DataConfig, split: str, *, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if split not in SPLITS:
+            raise DataError(f"split={split!r}: must be one of {SPLITS}")
+        if batch_size < 1 or seq_len < 1 or seed < 0:
+            raise DataError(f"batch_size={batch_size}, seq_len={seq_len}, seed={seed}: need batch_size >= 1, "
+                            "seq_len >= 1, seed >= 0")
+        path = Path(data_cfg.path)
+        remote = data_cfg.remote.rstrip("/") if data_cfg.remote else None
+        if remote is not None:
+            _fetch_metadata(path, remote)
+        manifest = read_manifest(path, check_shards=remote is None)
+        if seq_len > manifest["seq_len"]:
+            raise DataError(f"seq_len={seq_len} exceeds the prepared seq_len={manifest['seq_len']} of {path}; "
+                            "re-run fwpkm-prep with a larger --seq-len")
+        self.replication = _data_replication(rank, world_size)
+        self.num_samples = manifest["splits"][split]["samples"]
+        if self.num_samples // world_size < batch_size:
+            raise DataError(f"{path}/{split}: {self.num_samples} samples over world_size={world_size} give fewer "
+                            f"than batch_size={batch_size} per rank")
+        self.cfg, self.split, self.seed = data_cfg, split, seed
+        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.vocab_size, self.eos_id = manifest["vocab_size"], manifest["eos_id"]
+        self._local, self._remote = str(path / split), (f"{remote}/{split}" if remote else None)
+        self.epoch, self.batch_in_epoch = 0, 0
+        self._dataset = self._loader = self._iter = None
+        _sweep_once()
+        self._build()
+
+    def _build(self) -> None:
+        """The StreamingDataset + loader; shards are read from the first batch on."""
+        streaming = import_streaming()
+        world = streaming.base.world.World.detect()
+        data_world = world.replicate(self.replication) if self.replication > 1 else world
+        self.num_canonical_nodes = data_world.num_nodes  # streaming's py1e default, pinned for resume
+        self._dataset = streaming.StreamingDataset(
+            local=self._local, remote=self._remote, shuffle=self.cfg.shuffle, shuffle_seed=self.seed,
+            batch_size=self.batch_size, num_canonical_nodes=self.num_canonical_nodes,
+            predownload=8 * self.batch_size,  # streaming's defaults, spelled out (it logs when guessing)
+            shuffle_block_size=max(4_000_000 // self.num_canonical_nodes, 1 << 18),
+            replication=self.replication if self.replication > 1 else None)
+        self._loader = streaming.StreamingDataLoader(
+            self._dataset, batch_size=self.batch_size, drop_last=True, num_workers=self.cfg.num_workers,
+            collate_fn=functools.partial(_collate_tokens, width=self.seq_len + 1))
+        self.batches_per_epoch = len(self._dataset) // self.batch_size
+        if self.batches_per_epoch < 1:
+            raise DataError(f"{self._local}: {len(self._dataset)} samples per rank < batch_size={self.batch_size}")
+
+    def next_batch(self) -> torch.Tensor:
+        """The next batch, int64 [batch_size, seq_len + 1]; inputs are [:, :-1], labels [:, 1:]."""
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._stop_epoch()  # drop the partial tail; the next iter() starts streaming's next epoch
+        first = self._iter is None
+        if first:
+            self._iter = iter(self._loader)
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            raise RuntimeError(f"{self._local}: epoch {self.epoch} ended after {self.batch_in_epoch} batches, "
+                               f"streaming promised {self.batches_per_epoch}") from None
+        if first and self._dataset.next_epoch != self.epoch + 1:
+            raise RuntimeError(f"{self._local}: streaming is in epoch {self._dataset.next_epoch - 1}, "
+                               f"the stream expected {self.epoch}")
+        self.batch_in_epoch += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position and identity of the stream: plain ints and strings, identical on every rank."""
+        return {"version": STATE_VERSION, "split": self.split, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "seed": self.seed, "shuffle": self.cfg.shuffle,
+                "batch_size": self.batch_size, "world_size": self.world_size, "num_samples": self.num_samples,
+                "num_canonical_nodes": self.num_canonical_nodes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the stream that produced `state` was.
+
+        Raises:
+            DataError: the state is malformed or from a stream over other data, seed or batch layout.
+        """
+        mine = self.state_dict()
+        missing = [k for k in mine if k not in state]
+        if missing:
+            raise DataError(f"stream state: missing keys {missing}")
+        fixed = ("version", "split", "seed", "shuffle", "batch_size", "world_size", "num_samples",
+                 "num_canonical_nodes")
+        diff = [f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in fixed if state[k] != mine[k]]
+        if diff:
+            raise DataError("stream state does not match this stream (an exact resume needs the same data, "
+                            "seed and batch layout): " + "; ".join(diff))
+        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+        if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
+            raise DataError(f"stream state: epoch={epoch}, batch_in_epoch={batch} outside "
+                            f"[0, batches_per_epoch={self.batches_per_epoch}]")
+        self._stop_epoch()
+        if batch == self.batches_per_epoch:  # saved right after an epoch's last batch
+            epoch, batch = epoch + 1, 0
+        self.epoch, self.batch_in_epoch = epoch, batch
+        # Written on every rank before its next batch; streaming's first-batch barrier orders these
+        # writes before the local leader advances next_epoch, so ranks cannot undo each other.
+        self._dataset.next_epoch = epoch  # else a used stream treats an older epoch's state as stale
+        self._dataset.load_state_dict({
+            "epoch": epoch, "sample_in_epoch": batch * self.batch_size * self.world_size,
+            "num_canonical_nodes": self.num_canonical_nodes, "shuffle_seed": self.seed,
+            "initial_physical_nodes": self.num_canonical_nodes})
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _stop_epoch(self) -> None:
+        """Stop the running epoch's reader threads (workers stop when their iterator is dropped)."""
+        if self._iter is not None:
+            iterator = getattr(self._dataset, "_iterator", None)  # no public stop for a running epoch
+            if iterator is not None:
+                iterator.exit()
+            self._iter = None
+
+    def close(self) -> None:
+        """Stop reading and release the local directory; the stream is unusable afterwards."""
+        if self._dataset is not None:
+            self._stop_epoch()
+        self._loader = self._dataset = None
+
+
+def build_loader(data_cfg: DataConfig, split: str, *, batch_size: int, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> TokenStream:
+    """A TokenStream over `data_cfg.path/split` (mirrored from `data_cfg.remote/split` if set).
+
+    Args:
+        data_cfg: path of a prepared directory (fwpkm-prep); optional remote root (s3://, gs://, ...).
+            With a remote, construction fetches only what is missing locally of manifest.json,
+            tokenizer.json and the split's index.json; shards come on first use. A fully mirrored
+            path never contacts the remote.
+        split: "train" or "val".
+        batch_size: samples per rank per batch.
+        seq_len: <= the prepared seq_len; samples are cropped to seq_len + 1 tokens.
+        seed: shuffle seed (>= 0); epoch e's order depends on (seed, e) only.
+        rank, world_size: data-parallel rank and size, checked against RANK/WORLD_SIZE (module docstring).
+
+    Raises:
+        DataError: missing or broken prepared directory, seq_len above the prepared one, a split too
+            small for one batch per rank, or a rank layout streaming cannot express.
+    """
+    return TokenStream(data_cfg, split, batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank,
+                       world_size=world_size)

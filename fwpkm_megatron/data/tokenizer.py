@@ -1,0 +1,78 @@
+"""Byte-level BPE mechanics: train, find the EOS token, encode many documents fast.
+
+Byte-level BPE is lossless on any UTF-8 text (no normalizer, every byte has a symbol), which is what
+lets the data tests decode packed samples back to the exact source documents. Validation and errors
+live with the on-disk format in `prepare.py`; this module only does tokenizer work.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+EOS_TOKEN = "<|endoftext|>"
+# Names an EOS may have in a user-supplied tokenizer.json, tried in order.
+EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|eos|>", "<|end_of_text|>")
+MIN_VOCAB_SIZE = 256 + 1  # every byte symbol plus EOS
+ENCODE_CHUNK_BYTES = 1 << 20  # progress granularity; big enough to keep encode_batch parallel
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE with `EOS_TOKEN` as its only special token (id 0).
+
+    The vocab can come out smaller than `vocab_size` when the corpus has fewer mergeable pairs;
+    callers read the real size from the tokenizer.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer, length=len(texts))
+    return tok
+
+
+def find_eos(tok: Tokenizer) -> tuple[str, int] | None:
+    """The first of `EOS_CANDIDATES` the tokenizer knows, as (token, id); None if it knows none."""
+    for token in EOS_CANDIDATES:
+        token_id = tok.token_to_id(token)
+        if token_id is not None:
+            return token, token_id
+    return None
+
+
+def vocab_size_of(tok: Tokenizer) -> int:
+    """Embedding rows needed: max id + 1 (ids of added tokens need not be contiguous)."""
+    return max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def encode_documents(tok: Tokenizer, texts: Sequence[str], *, desc: str, progress: bool) -> list[list[int]]:
+    """Token ids of each text, without special-token insertion, in chunks for a progress bar.
+
+    Special-token strings inside a document (a source file mentioning "<|endoftext|>") are encoded
+    as plain text, so EOS ids in the packed stream only ever mark document ends.
+    """
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets (2x faster)
+    out: list[list[int]] = []
+    previous, tok.encode_special_tokens = tok.encode_special_tokens, True
+    bar = tqdm(total=sum(len(t) for t in texts), unit="char", unit_scale=True, desc=desc,
+               disable=not progress, leave=False)
+    try:
+        start = 0
+        while start < len(texts):
+            stop, size = start, 0
+            while stop < len(texts) and (stop == start or size < ENCODE_CHUNK_BYTES):
+                size += len(texts[stop])
+                stop += 1
+            out.extend(e.ids for e in encode(list(texts[start:stop]), add_special_tokens=False))
+            bar.update(size)
+            start = stop
+    finally:
+        tok.encode_special_tokens = previous
+        bar.close()
+    return out
