@@ -1,0 +1,71 @@
+"""Training-step cost of the memory layers: the same GPT with and without FwPKM / PKM, in one run.
+
+    .venv/bin/python bench/step.py [--config configs/tiny.yaml] [--steps 10] [--threads 1]
+
+Prints a table of median forward+backward+AdamW step times and their ratio to the plain model.
+Synthetic token batches (the data path is measured by bench/data.py).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from fwpkm_megatron.config import load_config
+from fwpkm_megatron.model import build_model
+from fwpkm_megatron.parallel.groups import init_single_process
+
+VARIANTS = {
+    "no memory": ["fwpkm.layers=[]", "pkm.layers=[]"],
+    "PKM only": ["fwpkm.layers=[]"],
+    "FwPKM only": ["pkm.layers=[]"],
+    "FwPKM + PKM (config)": [],
+    "FwPKM + PKM, per_sequence": ["fwpkm.policy=per_sequence"],
+}
+
+
+def time_steps(run, vocab: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(run, vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b, s = run.train.micro_batch_size, run.train.seq_len
+    tokens = torch.randint(0, vocab, (b, s + 1))
+    positions = torch.arange(s).expand(b, s)
+    model.window_control.begin_step(0, 0, training=True)
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])  # the first two steps warm allocators
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vocab", type=int, default=4096)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    init_single_process(0)
+    rows = []
+    for name, overrides in VARIANTS.items():
+        run = load_config(args.config, overrides)
+        rows.append((name, time_steps(run, args.vocab, args.steps)))
+    base = rows[0][1]
+    run = load_config(args.config)
+    tok = run.train.micro_batch_size * run.train.seq_len
+    print(f"config {args.config}: {tok} tokens/step, {args.threads} thread(s), median of {args.steps} steps")
+    print(f"{'variant':<28} {'ms/step':>9} {'tokens/s':>10} {'x no-memory':>12}")
+    for name, t in rows:
+        print(f"{name:<28} {t * 1e3:>9.1f} {tok / t:>10,.0f} {t / base:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
