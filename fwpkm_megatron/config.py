@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 import yaml
 
 POLICIES = ("persistent", "persistent_local", "per_sequence")
+DP_SYNC = ("step",)  # persistent under DP; persistent_local is the unsynchronised per-rank mode
 ATTENTION_KINDS = ("full", "swa", "pswa")
 
 
@@ -184,12 +185,52 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    """Parallel layout (docs/parallelism.md). DP is inferred: world size / (tp * pp)."""
+
+    tp: int = 1                  # tensor-parallel size; memory tables are column-sharded along d_v over it
+    pp: int = 1                  # pipeline stages
+    vpp: int = 1                 # virtual stages per pipeline rank (> 1: interleaved 1F1B)
+    num_microbatches: int = 1    # micro-batches per step on each DP rank (a pipeline needs >= pp)
+    dp_sync: str = "step"        # persistent policy under DP: step = average fast weights over DP once per step
+    recompute: bool = False      # full activation recomputation of every layer (memory writes applied once)
+    layout_independent_init: bool = True  # draw initial weights from one full build, equal at every TP/PP layout
+    dist_backend: str = "auto"   # auto (nccl with CUDA, else gloo) | gloo | nccl
+
+    def problems(self) -> list[str]:
+        p = [f"parallel.{n}={getattr(self, n)}: must be >= 1"
+             for n in ("tp", "pp", "vpp", "num_microbatches") if getattr(self, n) < 1]
+        if self.dp_sync not in DP_SYNC:
+            p.append(f"parallel.dp_sync={self.dp_sync!r}: must be one of {DP_SYNC}")
+        if self.dist_backend not in ("auto", "gloo", "nccl"):
+            p.append(f"parallel.dist_backend={self.dist_backend!r}: must be auto, gloo or nccl")
+        if self.vpp > 1 and self.pp < 2:
+            p.append(f"parallel.vpp={self.vpp}: interleaving needs parallel.pp >= 2 (got {self.pp})")
+        return p
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO as the data-parallel optimizer engine (torch AdamW as its client optimizer)."""
+
+    zero_stage: int = -1         # -1: no DeepSpeed (plain DP all-reduce + torch AdamW); 0-3: ZeRO stage
+    bf16: bool = False           # bf16 compute with fp32 master weights (DeepSpeed's bf16 mode)
+
+    def problems(self) -> list[str]:
+        if self.zero_stage not in (-1, 0, 1, 2, 3):
+            return [f"deepspeed.zero_stage={self.zero_stage}: must be -1 (off) or 0, 1, 2, 3"]
+        return []
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     fwpkm: FwPKMConfig = field(default_factory=FwPKMConfig)
     pkm: PKMConfig = field(default_factory=PKMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -198,6 +239,7 @@ class RunConfig:
 def validate(run: RunConfig) -> None:
     """Check every component and the rules that span components; raise one ConfigError listing all."""
     p = run.model.problems() + run.fwpkm.problems() + run.pkm.problems() + run.data.problems() + run.train.problems()
+    p += run.parallel.problems() + run.deepspeed.problems() + layout_problems(run)
     n = run.model.num_layers
     for name, layers in (("fwpkm.layers", run.fwpkm.layers), ("pkm.layers", run.pkm.layers)):
         bad = [i for i in layers if not 0 <= i < n]
@@ -209,6 +251,43 @@ def validate(run: RunConfig) -> None:
         p.append(f"train.seq_len={run.train.seq_len}: must be <= model.max_seq_len={run.model.max_seq_len}")
     if p:
         raise ConfigError(p)
+
+
+def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
+    """Rules between the parallel layout and the model, naming the numbers; `world_size` when known."""
+    par, m, p = run.parallel, run.model, []
+    tp, pp, vpp = par.tp, par.pp, par.vpp
+    if tp >= 1:
+        groups = m.num_query_groups or m.num_attention_heads
+        if m.num_attention_heads % tp or groups % tp:
+            p.append(f"parallel.tp={tp}: must divide model.num_attention_heads={m.num_attention_heads}"
+                     f" and the query groups ({groups})")
+        ffn = m.ffn_hidden_size or 4 * m.hidden_size
+        if ffn % tp:
+            p.append(f"parallel.tp={tp}: must divide the MLP width {ffn}")
+        for name, cfg in (("fwpkm", run.fwpkm), ("pkm", run.pkm)):
+            if cfg.layers and cfg.d_v % tp:
+                p.append(f"parallel.tp={tp}: must divide {name}.d_v={cfg.d_v} (value tables are column-sharded)")
+        if tp > 1 and run.fwpkm.layers and not run.fwpkm.addr_loss:
+            p.append(f"parallel.tp={tp}: fwpkm.addr_loss=false (keys moved by the MSE over d_v) is only "
+                     "supported at tp=1")
+        if m.vocab_size is not None and m.vocab_size % tp:
+            p.append(f"parallel.tp={tp}: must divide model.vocab_size={m.vocab_size}")
+    if pp >= 1 and vpp >= 1 and m.num_layers % (pp * vpp):
+        p.append(f"model.num_layers={m.num_layers}: must be divisible by parallel.pp * parallel.vpp = "
+                 f"{pp} * {vpp} = {pp * vpp}")
+    if pp > 1 and par.num_microbatches < pp:
+        p.append(f"parallel.num_microbatches={par.num_microbatches}: must be >= parallel.pp={pp}")
+    if vpp > 1 and par.num_microbatches % pp:
+        p.append(f"parallel.num_microbatches={par.num_microbatches}: interleaving needs a multiple of "
+                 f"parallel.pp={pp}")
+    if pp > 1 and run.deepspeed.zero_stage in (2, 3):
+        p.append(f"deepspeed.zero_stage={run.deepspeed.zero_stage} with parallel.pp={pp}: DeepSpeed allows only "
+                 "ZeRO-0/1 with pipeline parallelism (2/3 partition gradients during the backward, before the "
+                 "cross-stage tied-embedding sum); use zero_stage=1")
+    if world_size is not None and tp >= 1 and pp >= 1 and world_size % (tp * pp):
+        p.append(f"world size {world_size}: must be divisible by parallel.tp * parallel.pp = {tp} * {pp} = {tp * pp}")
+    return p
 
 
 _MISSING = object()

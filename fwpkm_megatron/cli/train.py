@@ -9,6 +9,7 @@ before megatron-core and the data stack are imported, so a bad key fails in well
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fwpkm_megatron.config import ConfigError, load_config
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+    if os.environ.get("RANK", "0") != "0":  # a parallel run (fwpkm-launch): rank 0 reports
+        return 0
     print(f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} over {summary['steps']} steps"
           f" ({summary['tokens_seen']:,} tokens, {summary['wall_seconds']:.1f} s)")
     print(f"val loss {summary['val_loss']:.4f}, val ppl {summary['val_ppl']:.2f}")

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import ops
 from ..config import FwPKMConfig
+from ..parallel.sharding import copy_to, feature_sum, group_size, row_parallel_linear
 from .state import FastWeightState
 
 ZSCORE_EPS = 1e-6  # App. A.3: v <- (v - mean) / (std + 1e-6), torch's unbiased std
@@ -23,15 +24,27 @@ class ZeroCenteredRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.tp_group = None  # set when the normalized dim is column-sharded over TP ranks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * (1 + self.weight.float())).to(x.dtype)
+        if self.tp_group is None:
+            mean_square = x32.square().mean(-1, keepdim=True)
+        else:  # the mean square runs over every shard's columns
+            mean_square = feature_sum(x32.square(), self.tp_group) / (x32.shape[-1] * group_size(self.tp_group))
+        return (x32 * torch.rsqrt(mean_square + self.eps) * (1 + self.weight.float())).to(x.dtype)
 
 
-def zscore(v: torch.Tensor) -> torch.Tensor:
-    """Standardize along the feature dim (App. A.3), used both as target and in the residual mix."""
-    return (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + ZSCORE_EPS)
+def zscore(v: torch.Tensor, group=None) -> torch.Tensor:
+    """Standardize along the feature dim (App. A.3), used both as target and in the residual mix.
+
+    With a TP group, v holds this rank's columns and the mean and (unbiased) std run over all of them.
+    """
+    if group is None:
+        return (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + ZSCORE_EPS)
+    d = v.shape[-1] * group_size(group)
+    centered = v - feature_sum(v, group) / d
+    return centered / ((feature_sum(centered.square(), group) / (d - 1)).sqrt() + ZSCORE_EPS)
 
 
 def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
@@ -79,15 +92,17 @@ class FwPKMBlock(nn.Module):
                                      init_seed=int(torch.randint(2**62, ())))
         self.last_reads: torch.Tensor | None = None   # [b, s, H, k] slots read by the last forward
         self.last_gate: torch.Tensor | None = None    # [b, s] gates of the last forward
+        self.tp_group = None  # set by parallel.sharding: v, the table and out_norm hold a d_v column slice
 
     def project(self, x: torch.Tensor):
         """Slow-weight inputs of the memory (method 3.1), in fp32: q [b,s,H,d_k], v [b,s,d_v], g [b,s] or None."""
         b, s, _ = x.shape
-        q = self.q_proj(self.q_norm(x)).float().view(b, s, self.cfg.heads, self.cfg.d_k)
-        v = self.v_proj(self.v_norm(x)).float()
+        tp = self.tp_group  # None: single process; else q and g are replicated, v is this rank's columns
+        q = copy_to(self.q_proj(self.q_norm(x)).float().view(b, s, self.cfg.heads, self.cfg.d_k), tp)
+        v = self.v_proj(copy_to(self.v_norm(x), tp)).float()
         if self.cfg.value_zscore:
-            v = zscore(v)
-        g = torch.sigmoid(self.gate_proj(self.gate_norm(x)).float()).squeeze(-1) if self.cfg.gate else None
+            v = zscore(v, tp)
+        g = copy_to(torch.sigmoid(self.gate_proj(self.gate_norm(x)).float()).squeeze(-1), tp) if self.cfg.gate else None
         return q, v, g
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -107,7 +122,7 @@ class FwPKMBlock(nn.Module):
         if not per_sequence:  # persistent: the state after the last chunk carries to the next forward
             self.state.commit(res.keys, res.rows, res.row_values)
         mixed = res.v_hat if g is None else g[..., None] * res.v_hat + (1 - g[..., None]) * v     # Eq. 12
-        out = self.out_proj(self.out_norm(mixed.to(hidden_states.dtype)))
+        out = row_parallel_linear(self.out_proj, self.out_norm(mixed.to(hidden_states.dtype)), self.tp_group)
         self.last_reads = res.idx.detach()
         self.last_gate = None if g is None else g.detach()
         return out.transpose(0, 1)                                           # [s, b, h]

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..config import PKMConfig
+from ..parallel.sharding import copy_to, row_parallel_linear
 
 QUERY_NORM_EPS = 1e-6  # the baseline's RMSNorm on the query
 
@@ -37,13 +38,15 @@ class PKMMLP(nn.Module):
             nn.init.normal_(lin.weight, std=std)
             nn.init.zeros_(lin.bias)
         self.last_reads: torch.Tensor | None = None
+        self.tp_group = None  # set by parallel.sharding: values, swilu_proj and value_proj hold a d_v slice
 
     def forward(self, hidden_states: torch.Tensor, **unused):  # megatron passes e.g. padding_mask
         s, b, h = hidden_states.shape
         x = hidden_states.reshape(s * b, h)
-        q = self.query_norm(self.query(x)).view(s * b, self.cfg.heads, self.cfg.d_k)     # [M, H, d_k]
-        addr = ops.pkm_address(q, self.sub_keys, topk=self.cfg.topk, score=self.cfg.score, joint_softmax=False)
+        tp = self.tp_group  # None: single process; else the query is replicated, d_v is this rank's slice
+        q = copy_to(self.query_norm(self.query(x)), tp).view(s * b, self.cfg.heads, self.cfg.d_k)  # [M, H, d_k]
+        addr = ops.pkm_address(q, copy_to(self.sub_keys, tp), topk=self.cfg.topk, score=self.cfg.score, joint_softmax=False)
         read = ops.pkm_read(self.values, addr.idx, addr.weight)                          # [M, d_v]
-        out = self.value_proj(read * F.silu(self.swilu_proj(x)))
+        out = row_parallel_linear(self.value_proj, read * F.silu(self.swilu_proj(copy_to(x, tp))), tp)
         self.last_reads = addr.idx.detach()
         return out.view(s, b, h), None

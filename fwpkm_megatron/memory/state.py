@@ -19,6 +19,7 @@ class FastWeightState(nn.Module):
         super().__init__()
         self.num_sub_keys = math.isqrt(num_slots)
         self.init_seed = init_seed  # reset() regenerates exactly the construction-time state
+        self.columns: slice | None = None  # this TP rank's d_v slice of the table (None: the whole table)
         self.register_buffer("keys", torch.empty(heads, 2, self.num_sub_keys, d_k // 2, dtype=torch.float32))
         self.register_buffer("values", torch.empty(num_slots, d_v, dtype=torch.float32))
         self.reset()
@@ -30,9 +31,20 @@ class FastWeightState(nn.Module):
         d_k = self.keys.shape[-1] * 2
         bound = d_k ** -0.5
         keys = torch.rand(self.keys.shape, generator=gen) * 2 * bound - bound
-        values = torch.randn(self.values.shape, generator=gen) * self.values.shape[1] ** -0.5
+        if self.columns is None:
+            values = torch.randn(self.values.shape, generator=gen) * self.values.shape[1] ** -0.5
+        else:  # a TP shard: draw the whole table as at TP=1 and keep this rank's columns
+            full = (self.values.shape[0], self.d_v_total)
+            values = (torch.randn(full, generator=gen) * self.d_v_total ** -0.5)[:, self.columns]
         self.keys = keys.to(self.keys.device)  # rebind: the old tensor may be saved by a pending backward
         self.values.copy_(values)
+
+    @torch.no_grad()
+    def shard_columns(self, columns: slice) -> None:
+        """Keep only `values[:, columns]` (memory-parallel sharding, parallel/sharding.py)."""
+        self.d_v_total = self.values.shape[1]
+        self.columns = columns
+        self.values = self.values[:, columns].clone()
 
     @torch.no_grad()
     def commit(self, keys: torch.Tensor, rows: torch.Tensor, row_values: torch.Tensor) -> None:

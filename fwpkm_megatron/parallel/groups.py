@@ -1,19 +1,132 @@
-"""Process groups and megatron's model-parallel state for one process.
+"""Process groups and megatron's model-parallel state: one process, or a TP x PP x DP world.
 
 `init_single_process(seed)` is what tests, tools and the single-process trainer call before building a
 model: a world-size-1 gloo group (rendezvous through a FileStore in a temporary directory, so parallel
 test runs never race for a port), megatron's `parallel_state` with TP = PP = 1, and megatron's RNG
 tracker seeded from `seed`. `teardown()` undoes it, so tests can start over.
+
+`init_distributed(parallel, seed)` is the multi-process counterpart: it joins the world named by the
+launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), checks the layout, builds megatron's
+groups with data parallel outermost (order tp-cp-ep-pp-dp, so the consecutive ranks of one DP replica
+share a data rank, as the streaming loader expects) and returns a `ParallelGroups`. Code outside
+`parallel/` receives that dataclass and never reads megatron's `parallel_state` itself.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from fwpkm_megatron.config import ParallelConfig, layout_problems
 from fwpkm_megatron.parallel import mcore_cpu
+
+
+class LayoutError(ValueError):
+    """The parallel layout does not fit the world size or the model; the message names the numbers."""
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's place in the TP x PP x DP layout and the groups each axis talks over.
+
+    Groups are None on an axis of size 1, so helpers can skip communication with `if group is None`.
+    """
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    vpp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: object | None
+    pp_group: object | None
+    dp_group: object | None
+    model_group: object | None      # TP x PP: one full model replica (grad norms sum over it)
+    embedding_group: object | None  # first and last pipeline stage (tied embedding gradients)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def describe(self) -> str:
+        return (f"{self.world_size} processes (TP={self.tp}, PP={self.pp}"
+                f"{f', VPP={self.vpp}' if self.vpp > 1 else ''}, DP={self.dp})")
+
+
+def _dist_backend(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, run=None) -> ParallelGroups:
+    """Join the launcher's world and build megatron's TP/PP/DP groups for `parallel`.
+
+    Args:
+        parallel: the layout (tp, pp, vpp); DP = world size / (tp * pp).
+        seed: seeds megatron's RNG tracker (per TP rank, as megatron does).
+        run: the RunConfig, to check the model against the layout (named numbers) when given.
+    Raises:
+        LayoutError: the world size is not divisible by tp * pp, or the model does not fit the layout.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    mcore_cpu.apply()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    problems = layout_problems(run, world_size) if run is not None else []
+    if world_size % (parallel.tp * parallel.pp) and not problems:
+        problems.append(f"world size {world_size}: must be divisible by parallel.tp * parallel.pp = "
+                        f"{parallel.tp} * {parallel.pp} = {parallel.tp * parallel.pp}")
+    if problems:
+        raise LayoutError("invalid parallel layout:\n  " + "\n  ".join(problems))
+    if world_size == 1 and not dist.is_initialized():
+        init_single_process(seed)
+    elif not dist.is_initialized():
+        backend = _dist_backend(parallel.dist_backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, init_method="env://")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
+        order="tp-cp-ep-pp-dp")
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return current_groups(parallel.vpp)
+
+
+def current_groups(vpp: int = 1) -> ParallelGroups:
+    """The ParallelGroups of megatron's initialised parallel state."""
+    from megatron.core import parallel_state as ps
+
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    dp = ps.get_data_parallel_world_size()
+
+    def group(size, getter):
+        return getter() if size > 1 else None
+
+    return ParallelGroups(
+        world_size=dist.get_world_size(), rank=dist.get_rank(), tp=tp, pp=pp, vpp=vpp, dp=dp,
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        tp_group=group(tp, ps.get_tensor_model_parallel_group),
+        pp_group=group(pp, ps.get_pipeline_model_parallel_group),
+        dp_group=group(dp, ps.get_data_parallel_group),
+        model_group=group(tp * pp, ps.get_model_parallel_group),
+        embedding_group=group(pp, ps.get_embedding_group))
 
 _store_dir: str | None = None   # FileStore directory created here; removed by teardown()
 _owns_process_group = False     # True when init_single_process started torch.distributed

@@ -25,9 +25,12 @@ Patches, each with the failure it removes:
    versions. The originals index `torch.cuda.default_generators` and call `_C._cuda_setRNGState`; the
    tracker's `add`/`fork` and `CheckpointFunction` (full recompute) go through them.
 
-Not covered (later parallel/training work extends `_MODULES` or adds a patch here, with its reason):
-megatron's optimizer, grad clipping, DDP buffers, the pipeline schedules' `device="cuda"` tensors,
-`Tensor.cuda()` on tied embeddings with PP > 1, and `parallel_state.update_pg_timeout`.
+3. `LanguageModule.setup_embeddings_and_output_layer` (tied embeddings with PP > 1) calls
+   `weight.data.cuda()` before all-reducing the embedding over the embedding group; the wrapper makes
+   `Tensor.cuda` the identity for the duration of that call only.
+
+Not covered (the project does not use them): megatron's optimizer, its grad clipping, DDP buffers,
+and `parallel_state.update_pg_timeout`.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ _MODULES = (
     "megatron.core.utils",                                          # GlobalMemoryBuffer.get_tensor
     "megatron.core.tensor_parallel.random",                         # torch.cuda.manual_seed / get_rng_state
     "megatron.core.transformer.utils",                              # get_default_causal_mask(device="cuda")
+    "megatron.core.pipeline_parallel.schedules",                    # total_num_tokens on device="cuda"
+    "megatron.core.pipeline_parallel.p2p_communication",            # receive buffers on current_device()
 )
 
 _FACTORIES = frozenset({
@@ -149,4 +154,20 @@ def apply() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    LanguageModule.setup_embeddings_and_output_layer = _cuda_is_identity_during(
+        LanguageModule.setup_embeddings_and_output_layer)
     _applied = True
+
+
+def _cuda_is_identity_during(method):
+    """Wrap `method` so that `Tensor.cuda()` returns the tensor itself while it runs (CPU only)."""
+    def wrapped(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+    wrapped.__wrapped__ = method
+    return wrapped

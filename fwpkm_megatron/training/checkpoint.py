@@ -11,6 +11,17 @@ Layout under `run_dir/checkpoints/`:
         manifest.json   format version, step and the byte size of every file above; written last
     latest              text file naming the newest complete step directory
 
+Parallel runs (world size > 1) write the same files once per rank (`save_sharded_checkpoint`):
+
+    step_00000123/
+        rank_00000/ ... rank_{W-1}/   model.pt, optimizer.pt, trainer.pt, manifest.json of that rank
+        config.json     the run config
+        manifest.json   format "sharded", step, world size and layout (tp, pp, vpp, dp); written last
+
+Each rank holds its model chunks' state (its TP column slices of the memory tables, its pipeline
+stage's layers), its optimizer state and its data-stream position; fast-weight states are saved by every
+rank, so `persistent_local` keeps one memory per DP rank. A sharded checkpoint resumes at the same layout.
+
 A checkpoint is written into `step_00000123.tmp/` and `os.replace`d into place, then `latest` is
 rewritten through a temporary file, so a crash at any point leaves the previous checkpoint intact and
 `latest` pointing at a complete directory. Every file is loaded with `torch.load(weights_only=True)`:
@@ -167,6 +178,84 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(root / name)
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: dict[str, Any], *,
+                            keep_last: int, rank: int, world_size: int, layout: dict[str, int]) -> Path:
+    """Collective: every rank writes its trainer state into `root/step_{step}/rank_{rank}` (atomic as a whole).
+
+    Rank 0 creates the temporary directory, every rank writes and fsyncs its files, rank 0 writes the
+    manifest last, renames the directory into place and moves `latest`.
+    """
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    own = tmp / f"rank_{rank:05d}"
+    own.mkdir()
+    files = {f"{key}.pt": state[key] for key in SEPARATE_FILES if key in state}
+    files["trainer.pt"] = {k: v for k, v in state.items() if k not in SEPARATE_FILES}
+    sizes = {}
+    for name, obj in files.items():
+        with open(own / name, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        sizes[name] = (own / name).stat().st_size
+    _write_text(own / "manifest.json", json.dumps({"format": FORMAT_VERSION, "step": step, "files": sizes}))
+    _barrier()
+    if rank == 0:
+        _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
+        manifest = {"format": FORMAT_VERSION, "kind": "sharded", "step": step, "layout": layout}
+        _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        if final.exists():
+            stale = root / (final.name + ".old")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        write_atomic(root / LATEST, final.name + "\n")
+        _prune(root, keep_last, keep=final.name)
+    _barrier()
+    return final
+
+
+def load_sharded_checkpoint(path: str | Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This rank's state from a checkpoint written by `save_sharded_checkpoint` at the same world size.
+
+    Raises:
+        CheckpointError: not a sharded checkpoint, another world size, or a missing/corrupt file.
+    """
+    path = Path(path)
+    try:
+        top = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'manifest.json'}: unreadable ({exc})") from None
+    if top.get("kind") != "sharded":
+        raise CheckpointError(f"{path}: a single-process checkpoint; a run on {world_size} processes resumes "
+                              "only from a sharded checkpoint of the same layout")
+    saved_world = top["layout"]["world_size"]
+    if saved_world != world_size:
+        raise CheckpointError(f"{path}: written by {saved_world} processes (layout {top['layout']}), "
+                              f"this run has {world_size}; resume at the same layout")
+    state, _ = load_checkpoint_dir(path / f"rank_{rank:05d}")
+    config = json.loads((path / "config.json").read_text())
+    return state, config
+
+
 # ------------------------------------------------------------------------------------------ loading
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -229,3 +318,25 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if f"{key}.pt" in loaded:
             state[key] = loaded.pop(f"{key}.pt")
     return state, config
+
+
+def load_checkpoint_dir(path: Path) -> tuple[dict[str, Any], None]:
+    """The files of one rank directory of a sharded checkpoint (validated against its manifest)."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path}: missing (incomplete checkpoint)")
+    sizes = json.loads(manifest_path.read_text())["files"]
+    state: dict[str, Any] = {}
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            raise CheckpointError(f"{file}: missing or not {size} bytes (truncated or corrupt)")
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=False)  # ZeRO states hold plain objects
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot be loaded (corrupt?): {type(exc).__name__}: {exc}") from None
+        if name == "trainer.pt":
+            state.update(obj)
+        else:
+            state[name[:-3]] = obj
+    return state, None

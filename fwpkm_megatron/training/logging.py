@@ -20,16 +20,21 @@ class RunLogger:
         purge_step: on resume, the first step this process will log. TensorBoard then discards events
             at or after it that an interrupted earlier process wrote, so every step has one value.
         stream: where console lines go (stdout by default).
+        enabled: False on every rank but 0 of a parallel run: nothing is printed or written.
     """
 
-    def __init__(self, tb_dir: str | Path, *, purge_step: int | None = None, stream=None):
+    def __init__(self, tb_dir: str | Path, *, purge_step: int | None = None, stream=None, enabled: bool = True):
         self.tb_dir = Path(tb_dir)
-        self.tb_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=purge_step)
+        self.enabled = enabled
+        self.writer = _NullWriter()
+        if enabled:
+            self.tb_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=purge_step)
         self.stream = stream if stream is not None else sys.stdout
 
     def console(self, message: str) -> None:
-        print(message, file=self.stream, flush=True)
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -49,6 +54,13 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class _NullWriter:
+    """SummaryWriter stand-in for ranks that do not log."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def format_step_line(step: int, steps: int, metrics: dict[str, float]) -> str:

@@ -13,6 +13,11 @@ automatically; save -> load -> continue equals uninterrupted training bit for bi
 
 Evaluation never changes training: fast weights are snapshotted before and restored after, the
 RNG is forked, and the val stream is rebuilt from scratch, so every evaluation sees the same batches.
+
+Parallel runs (world size > 1, `parallel.num_microbatches` > 1 or DeepSpeed on; launched by
+`fwpkm-launch`) take the same loop with `training/engine.py`'s `ParallelEngine` doing the step: megatron's
+schedules over TP x PP x DP, DP-averaged grads (or ZeRO), the DP sync of fast weights. Each DP rank
+reads its own share of the stream; checkpoints are written per rank (`checkpoint.save_sharded_checkpoint`).
 """
 from __future__ import annotations
 
@@ -62,34 +67,59 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.val_loss: float | None = None
 
-        resume_from = ckpt.latest_checkpoint(self.ckpt_root)  # read and validate before building anything
-        state, saved_config = ckpt.load_checkpoint(resume_from) if resume_from else (None, None)
-
+        self.engine = None   # ParallelEngine of a parallel run; None for the plain single-process step
+        self.groups = None
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         _seed_everything(cfg.seed)
-        init_single_process(cfg.seed)
+        if uses_parallel_engine(run):
+            from fwpkm_megatron.parallel.groups import init_distributed
+            self.groups = init_distributed(run.parallel, cfg.seed, run)
+        else:
+            init_single_process(cfg.seed)
+        rank, world = (0, 1) if self.groups is None else (self.groups.rank, self.groups.world_size)
 
+        resume_from = ckpt.latest_checkpoint(self.ckpt_root)  # read and validate before building anything
+        if resume_from is None:
+            state, saved_config = None, None
+        elif self.groups is None:
+            state, saved_config = ckpt.load_checkpoint(resume_from)
+        else:
+            state, saved_config = ckpt.load_sharded_checkpoint(resume_from, rank, world)
+
+        dp_rank, dp = (0, 1) if self.groups is None else (self.groups.dp_rank, self.groups.dp)
         self.train_stream = build_loader(run.data, "train", batch_size=cfg.micro_batch_size,
-                                         seq_len=cfg.seq_len, seed=cfg.seed)
+                                         seq_len=cfg.seq_len, seed=cfg.seed, rank=dp_rank, world_size=dp)
         try:
             self.vocab_size = run.model.vocab_size or self.train_stream.vocab_size
             if self.vocab_size < self.train_stream.vocab_size:
                 raise DataError(f"model.vocab_size={self.vocab_size} is smaller than the vocab "
                                 f"({self.train_stream.vocab_size}) of the data at {run.data.path}")
-            self.model = build_model(run, self.vocab_size)
+            if self.groups is None:
+                self.model = build_model(run, self.vocab_size)
+                self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
+                self.window_controls = [self.model.window_control]
+            else:
+                from fwpkm_megatron.training.engine import ParallelEngine
+                tp = self.groups.tp  # megatron's vocab-parallel embedding needs a multiple of TP
+                self.vocab_size = -(-self.vocab_size // tp) * tp
+                self.engine = ParallelEngine(run, self.groups, self.vocab_size)
+                self.model, self.optimizer, self.scheduler = (self.engine.model, self.engine.optimizer,
+                                                              self.engine.scheduler)
+                self.window_controls = [chunk.window_control for chunk in self.engine.chunks]
             self.device = next(self.model.parameters()).device  # batches follow the model
-            self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
             self.slow_params = [p for p in self.model.parameters() if p.requires_grad]
-            self.tokens_per_step = cfg.micro_batch_size * cfg.seq_len  # world size 1
+            # sequences per step = micro_batch_size x num_microbatches x DP ranks
+            self.tokens_per_step = cfg.micro_batch_size * cfg.seq_len * run.parallel.num_microbatches * dp
             if state is not None:
                 self._load_checkpoint_state(state, resume_from)
                 self.last_checkpoint = resume_from
         except BaseException:
             self.train_stream.close()
             raise
+        quiet = rank != 0  # one console and one event file per run: rank 0 logs
         self.logger = RunLogger(self.tb_dir, purge_step=self.step + 1 if resume_from else None,
-                                stream=console)
+                                stream=console, enabled=not quiet)
         if resume_from is not None:
             self.logger.console(f"resuming from {resume_from} at step {self.step}/{cfg.steps}")
             changed = _changed_keys(saved_config, run.to_dict())
@@ -102,7 +132,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.train_stream.state_dict(),
             "rng": ckpt.capture_rng_state(),
@@ -113,13 +143,26 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.engine is not None and self.engine.deepspeed is not None:
+            self.engine.load_optimizer_state(state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_stream.load_state_dict(state["data"])
         ckpt.restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.losses = [float(x) for x in state["losses"]]
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if self.engine is not None and self.engine.deepspeed is not None:
+            return self.engine.optimizer_state()
+        return self.optimizer.state_dict()
+
+    def _begin_step(self, step: int, training: bool) -> int | None:
+        """Set the attention window of every model chunk for this step; return it."""
+        windows = [wc.begin_step(step, self.run.train.seed, training=training) for wc in self.window_controls]
+        return windows[0]
 
     def _load_checkpoint_state(self, state: dict[str, Any], path: Path) -> None:
         """load_state_dict, with a model that does not fit the checkpoint reported as a CheckpointError."""
@@ -161,11 +204,14 @@ class Trainer:
             return None
         self.evaluate()
         summary = self._summary(time.perf_counter() - start_time, start_step)
-        ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.groups is None or self.groups.rank == 0:
+            ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.logger.flush()
         return summary
 
     def _train_step(self) -> dict[str, float]:
+        if self.engine is not None:
+            return self._parallel_train_step()
         cfg = self.run.train
         t0 = time.perf_counter()
         self.model.train()
@@ -189,6 +235,20 @@ class Trainer:
             "train/tokens_per_s": self.tokens_per_step / max(time.perf_counter() - t0, 1e-9),
             "train/window": window or 0,  # attention window this step (pSWA draw); 0 = full attention
         }
+        self.logger.scalars(metrics, self.step)
+        return metrics
+
+    def _parallel_train_step(self) -> dict[str, float]:
+        """One step through the ParallelEngine: num_microbatches batches of this DP rank."""
+        t0 = time.perf_counter()
+        window = self._begin_step(self.step, training=True)
+        batches = [self.train_stream.next_batch() for _ in range(self.run.parallel.num_microbatches)]
+        metrics = self.engine.train_step(batches)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.losses.append(metrics["train/loss"])
+        metrics["train/tokens_per_s"] = self.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+        metrics["train/window"] = window or 0
         self.logger.scalars(metrics, self.step)
         return metrics
 
@@ -220,9 +280,13 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=[]):
                 self.model.eval()
-                self.model.window_control.begin_step(self.step, cfg.seed, training=False)
+                self._begin_step(self.step, training=False)
                 for _ in range(cfg.eval_batches):
-                    total += self._forward(val_stream.next_batch()).float().mean().item()  # host sync
+                    batch = val_stream.next_batch()
+                    if self.engine is not None:
+                        total += self.engine.eval_loss(batch)
+                    else:
+                        total += self._forward(batch).float().mean().item()  # host sync
         finally:
             restore_fast_weights(self.model, snapshot)
             self.model.train(was_training)
@@ -237,8 +301,13 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current state (atomic; prunes to `keep_last`)."""
-        self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(),
-                                                    self.run.to_dict(), keep_last=self.run.train.keep_last)
+        if self.groups is None:
+            self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(),
+                                                        self.run.to_dict(), keep_last=self.run.train.keep_last)
+        else:
+            self.last_checkpoint = ckpt.save_sharded_checkpoint(
+                self.ckpt_root, self.step, self.state_dict(), self.run.to_dict(), keep_last=self.run.train.keep_last,
+                rank=self.groups.rank, world_size=self.groups.world_size, layout=_layout_record(self.groups))
         self.logger.console(f"saved checkpoint {self.last_checkpoint}")
         return self.last_checkpoint
 
@@ -260,6 +329,8 @@ class Trainer:
         from fwpkm_megatron.memory import fast_weight_states
 
         cfg = self.run.train
+        from fwpkm_megatron.parallel.sharding import memory_bytes
+
         fast = [b for state in fast_weight_states(self.model).values() for b in state.buffers()]
         fast_numel = sum(b.numel() for b in fast)
         fast_bytes = sum(b.numel() * b.element_size() for b in fast)
@@ -270,8 +341,15 @@ class Trainer:
             f"slow parameters: {slow_numel:,} ({format_count(slow_numel)}), optimized by AdamW",
             f"fast weights: {fast_numel:,} ({format_count(fast_numel)}) in {len(fast)} buffers,"
             f" {format_bytes(fast_bytes)} (never in the optimizer)",
-            f"vocab size: {self.vocab_size:,}; parallel layout: 1 process (TP=1, PP=1, DP=1)",
+            f"vocab size: {self.vocab_size:,}; parallel layout: "
+            + ("1 process (TP=1, PP=1, DP=1)" if self.groups is None else self.groups.describe()),
         ]
+        if self.groups is not None:
+            lines.append(f"memory tables on this rank: {format_bytes(memory_bytes(self.model))}"
+                         f" (column-sharded over TP={self.groups.tp})")
+            if self.engine.sync_bytes:
+                lines.append(f"fast-weight DP sync: all-reduce of {format_bytes(self.engine.sync_bytes)} per step"
+                             f" per rank (persistent policy, DP={self.groups.dp})")
         for line in lines:
             self.logger.console(line)
         if fresh:
@@ -297,6 +375,19 @@ class Trainer:
             "wall_seconds": wall_seconds,  # this process's train(): its steps, evals and saves (not the build)
             "resumed_from_step": start_step,  # 0 for a fresh run; wall_seconds covers steps after this one
         }
+
+
+def uses_parallel_engine(run: RunConfig) -> bool:
+    """True when the run needs the ParallelEngine (launched on several processes, micro-batches, ZeRO)."""
+    import os
+
+    par = run.parallel
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 or par.tp > 1 or par.pp > 1 or par.num_microbatches > 1
+            or run.deepspeed.zero_stage >= 0)
+
+
+def _layout_record(groups) -> dict[str, int]:
+    return {"world_size": groups.world_size, "tp": groups.tp, "pp": groups.pp, "vpp": groups.vpp, "dp": groups.dp}
 
 
 def _seed_everything(seed: int) -> None:

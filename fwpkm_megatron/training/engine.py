@@ -1,0 +1,248 @@
+"""The parallel training step: megatron-core schedules over TP x PP x DP, plain DP or DeepSpeed ZeRO.
+
+Used by the `Trainer` whenever the run is not a plain single-process step (world size > 1,
+`parallel.num_microbatches > 1`, or DeepSpeed on). One step:
+
+    fb = megatron's forward_backward_func (no pipelining, 1F1B, or interleaved 1F1B)
+    fb(forward_step, this rank's model chunks, num_microbatches)   # fast weights written in the forwards
+    finalize: tied-embedding grads over the embedding group; grads averaged over DP (or by ZeRO)
+    grad norm over the model-parallel group (each TP shard and PP stage counted once); clip; AdamW
+    sync_fast_weights over DP (`persistent` only; parallel/apply.py)
+
+Micro-batches of one step run in order through one fast-weight state (each sees the writes of the ones
+before it); the loss is the mean over micro-batches and DP ranks, the same number on every rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fwpkm_megatron.config import RunConfig
+from fwpkm_megatron.parallel.apply import fast_weight_sync_bytes, parallelize, sync_fast_weights
+from fwpkm_megatron.parallel.groups import ParallelGroups
+from fwpkm_megatron.training.optim import build_optimizer
+
+
+def build_chunks(run: RunConfig, vocab_size: int, groups: ParallelGroups) -> list[nn.Module]:
+    """This rank's model chunks (one per virtual stage), sharded and initialised layout-independently.
+
+    With `parallel.layout_independent_init` and PP > 1, every rank first builds the whole model at
+    PP = 1 (same TP) and copies its layers' weights from it, so every layout starts from the weights
+    of a single-process run with the same seed (costs one full model of host memory during the build).
+    """
+    from fwpkm_megatron.model import build_model, transformer_config
+
+    par = run.parallel
+    tp_overrides = dict(tensor_model_parallel_size=groups.tp)
+    reference = None
+    if groups.pp > 1 and par.layout_independent_init:
+        reference = build_model(run, vocab_size, config=transformer_config(run, **tp_overrides)).state_dict()
+    overrides = dict(tp_overrides, pipeline_model_parallel_size=groups.pp)
+    if groups.vpp > 1:
+        overrides["virtual_pipeline_model_parallel_size"] = groups.vpp
+    if par.recompute:
+        overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    config = transformer_config(run, **overrides)
+    chunks = []
+    for vp in range(groups.vpp):
+        pre = groups.is_first_stage and vp == 0
+        post = groups.is_last_stage and vp == groups.vpp - 1
+        chunk = build_model(run, vocab_size, config=config, pre_process=pre, post_process=post,
+                            vp_stage=vp if groups.vpp > 1 else None)
+        if reference is not None:
+            _load_from_reference(chunk, reference)
+        chunks.append(chunk)
+    parallelize(chunks, groups, run)
+    return chunks
+
+
+def _load_from_reference(chunk: nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    """Copy a PP=1 build's tensors into a stage chunk, mapping local layer indices to global ids."""
+    own = chunk.state_dict()
+    local_to_global = {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
+    out = {}
+    for key in own:
+        src = key
+        if key.startswith("decoder.layers."):
+            parts = key.split(".")
+            parts[2] = str(local_to_global[int(parts[2])])
+            src = ".".join(parts)
+        elif key == "output_layer.weight" and src not in reference:
+            src = "embedding.word_embeddings.weight"  # tied: the last stage's copy of the embedding
+        if src in reference:
+            out[key] = reference[src]
+        elif not key.endswith("_extra_state"):
+            raise KeyError(f"{key}: no tensor {src!r} in the PP=1 reference build")
+    chunk.load_state_dict(out, strict=False)
+
+
+class ParallelEngine:
+    """Model chunks, optimizer and the step of one rank.
+
+    Args:
+        run: the validated RunConfig.
+        groups: this rank's ParallelGroups.
+        vocab_size: padded vocabulary (divisible by TP).
+    """
+
+    def __init__(self, run: RunConfig, groups: ParallelGroups, vocab_size: int):
+        self.run, self.groups = run, groups
+        self.chunks = build_chunks(run, vocab_size, groups)
+        self.model = nn.ModuleList(self.chunks)  # one module for optimizers and state_dict()
+        self.config = self.chunks[0].config
+        self.slow_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.deepspeed = None
+        if run.deepspeed.zero_stage >= 0:
+            from fwpkm_megatron.training.zero import build_deepspeed
+
+            self.deepspeed, self.optimizer, self.scheduler = build_deepspeed(self, run)
+        else:
+            self.optimizer, self.scheduler = build_optimizer(self.model, run.train)
+        self.sync_bytes = fast_weight_sync_bytes(self.chunks) if (
+            run.fwpkm.policy == "persistent" and groups.dp > 1) else 0
+
+    # ------------------------------------------------------------------------------------ the step
+
+    def train_step(self, batches: list[torch.Tensor]) -> dict[str, float]:
+        """One optimizer step over `batches` (num_microbatches tensors [b, s+1] of this DP rank)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg, groups = self.run.train, self.groups
+        for chunk in self.chunks:
+            chunk.train()
+        if self.deepspeed is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.deepspeed.zero_grad()
+        device = next(self.model.parameters()).device
+        batches = [b.to(device) for b in batches]
+        fb = get_forward_backward_func()
+        iterators = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
+        losses = fb(forward_step_func=_forward_step, data_iterator=iterators,
+                    model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                    num_microbatches=len(batches), seq_length=batches[0].shape[1] - 1,
+                    micro_batch_size=batches[0].shape[0], forward_only=False)
+        self._allreduce_tied_embedding_grads()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.deepspeed is None:
+            self._allreduce_dp_grads()
+            grad_norm = self.clip_grads(cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self.deepspeed.step()  # reduces over DP (ZeRO), clips, steps AdamW and the scheduler
+            grad_norm = float(self.deepspeed.get_global_grad_norm())
+        synced = sync_fast_weights(self.chunks, groups, self.run.fwpkm.policy)
+        return {"train/loss": self._mean_loss(losses), "train/lr": lr, "train/grad_norm": grad_norm,
+                "train/fast_weight_sync_bytes": synced}
+
+    @torch.no_grad()
+    def eval_loss(self, batch: torch.Tensor) -> float:
+        """Mean per-token loss of one batch [b, s+1] of this DP rank, averaged over DP (forward only)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        batch = batch.to(next(self.model.parameters()).device)
+        iterators = [iter([batch]) for _ in self.chunks] if len(self.chunks) > 1 else iter([batch])
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iterators,
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0], num_microbatches=1,
+            seq_length=batch.shape[1] - 1, micro_batch_size=batch.shape[0], forward_only=True)
+        return self._mean_loss(losses)
+
+    def _mean_loss(self, losses: list[dict[str, torch.Tensor]]) -> float:
+        """Mean micro-batch loss of the global batch, on every rank (host sync)."""
+        groups = self.groups
+        value = torch.stack([x["loss"] for x in losses]).mean() if losses else torch.zeros(())
+        value = value.float().reshape(1).clone()
+        if groups.pp_group is not None:  # only the last stage has losses
+            dist.all_reduce(value, group=groups.pp_group)
+        if groups.dp_group is not None:
+            dist.all_reduce(value, group=groups.dp_group)
+            value /= groups.dp
+        return float(value)
+
+    def _allreduce_tied_embedding_grads(self) -> None:
+        """With PP and tied embeddings, sum the embedding's grad (first stage) and the output layer's
+        copy (last stage) over the embedding group, as megatron's finalize_model_grads does."""
+        groups = self.groups
+        if groups.embedding_group is None or not self.run.model.tie_embeddings:
+            return
+        chunk = self.chunks[0] if groups.is_first_stage else self.chunks[-1]
+        if not (groups.is_first_stage or groups.is_last_stage):
+            return
+        weight = chunk.shared_embedding_or_output_weight()
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        dist.all_reduce(grad, group=groups.embedding_group)
+        weight.grad = grad
+
+    def _allreduce_dp_grads(self) -> None:
+        """Average the slow-weight grads over the DP group (one flat all-reduce)."""
+        groups = self.groups
+        if groups.dp_group is None:
+            return
+        params = [p for p in self.slow_params if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, group=groups.dp_group)
+        flat /= groups.dp
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def grad_norm(self) -> float:
+        """L2 norm of the full model's slow-weight grads: TP shards and PP stages once each."""
+        groups = self.groups
+        total = torch.zeros(1, dtype=torch.float64)
+        for p in self.slow_params:
+            if p.grad is None:
+                continue
+            if not getattr(p, "tensor_model_parallel", False) and groups.tp_rank != 0:
+                continue  # replicated over TP: counted on TP rank 0 only
+            if groups.pp > 1 and getattr(p, "shared", False) and not groups.is_first_stage:
+                continue  # the last stage's copy of the tied embedding
+            total += p.grad.detach().double().square().sum()
+        if groups.model_group is not None:
+            dist.all_reduce(total, group=groups.model_group)
+        return float(total.sqrt())
+
+    def clip_grads(self, max_norm: float) -> float:
+        """Clip to `max_norm` (0 disables) with torch's rule; return the pre-clip norm."""
+        norm = self.grad_norm()
+        if max_norm > 0:
+            coef = min(max_norm / (norm + 1e-6), 1.0)
+            for p in self.slow_params:
+                if p.grad is not None:
+                    p.grad.detach().mul_(coef)
+        return norm if math.isfinite(norm) else float("nan")
+
+    # ---------------------------------------------------------------------------------- state
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """This rank's optimizer state (with ZeRO: its partition, as DeepSpeed's optimizer holds it)."""
+        if self.deepspeed is None:
+            return self.optimizer.state_dict()
+        return self.deepspeed.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if self.deepspeed is None:
+            self.optimizer.load_state_dict(state)
+        else:
+            self.deepspeed.optimizer.load_state_dict([state] if self.run.deepspeed.zero_stage in (1, 2) else state)
+
+
+def _forward_step(data_iterator, model):
+    """megatron's forward_step_func: per-token loss of one micro-batch [b, s+1] and its loss function."""
+    batch = next(data_iterator)
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+    positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    output = model(inputs, positions, attention_mask=None, labels=labels)
+
+    def loss_func(per_token_loss):
+        loss = per_token_loss.float().mean()
+        return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+
+    return output, loss_func
