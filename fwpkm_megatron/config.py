@@ -213,12 +213,12 @@ class ParallelConfig:
 class DeepSpeedConfig:
     """DeepSpeed ZeRO as the data-parallel optimizer engine (torch AdamW as its client optimizer)."""
 
-    zero_stage: int = -1         # -1: no DeepSpeed (plain DP all-reduce + torch AdamW); 0-3: ZeRO stage
+    zero_stage: int = -1         # -1: no DeepSpeed (plain DP all-reduce + torch AdamW); 1-3: ZeRO stage
     bf16: bool = False           # bf16 compute with fp32 master weights (DeepSpeed's bf16 mode)
 
     def problems(self) -> list[str]:
-        if self.zero_stage not in (-1, 0, 1, 2, 3):
-            return [f"deepspeed.zero_stage={self.zero_stage}: must be -1 (off) or 0, 1, 2, 3"]
+        if self.zero_stage not in (-1, 1, 2, 3):  # stage 0 refuses the schedules' direct backward calls
+            return [f"deepspeed.zero_stage={self.zero_stage}: must be -1 (off) or 1, 2, 3"]
         return []
 
 
@@ -283,7 +283,7 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
                  f"parallel.pp={pp}")
     if pp > 1 and run.deepspeed.zero_stage in (2, 3):
         p.append(f"deepspeed.zero_stage={run.deepspeed.zero_stage} with parallel.pp={pp}: DeepSpeed allows only "
-                 "ZeRO-0/1 with pipeline parallelism (2/3 partition gradients during the backward, before the "
+                 "ZeRO-1 with pipeline parallelism (2/3 partition gradients during the backward, before the "
                  "cross-stage tied-embedding sum); use zero_stage=1")
     if world_size is not None and tp >= 1 and pp >= 1 and world_size % (tp * pp):
         p.append(f"world size {world_size}: must be divisible by parallel.tp * parallel.pp = {tp} * {pp} = {tp * pp}")

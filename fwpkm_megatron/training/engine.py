@@ -92,7 +92,7 @@ class ParallelEngine:
     def __init__(self, run: RunConfig, groups: ParallelGroups, vocab_size: int):
         self.run, self.groups = run, groups
         self.chunks = build_chunks(run, vocab_size, groups)
-        self.model = nn.ModuleList(self.chunks)  # one module for optimizers and state_dict()
+        self.model = ChunkList(self.chunks)  # one module for optimizers, DeepSpeed and state_dict()
         self.config = self.chunks[0].config
         self.slow_params = [p for p in self.model.parameters() if p.requires_grad]
         self.deepspeed = None
@@ -122,7 +122,7 @@ class ParallelEngine:
         batches = [b.to(device) for b in batches]
         fb = get_forward_backward_func()
         iterators = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
-        losses = fb(forward_step_func=_forward_step, data_iterator=iterators,
+        losses = fb(forward_step_func=self._forward_step, data_iterator=iterators,
                     model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
                     num_microbatches=len(batches), seq_length=batches[0].shape[1] - 1,
                     micro_batch_size=batches[0].shape[0], forward_only=False)
@@ -148,7 +148,7 @@ class ParallelEngine:
         batch = batch.to(next(self.model.parameters()).device)
         iterators = [iter([batch]) for _ in self.chunks] if len(self.chunks) > 1 else iter([batch])
         losses = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iterators,
+            forward_step_func=self._forward_step, data_iterator=iterators,
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0], num_microbatches=1,
             seq_length=batch.shape[1] - 1, micro_batch_size=batch.shape[0], forward_only=True)
         return self._mean_loss(losses)
@@ -221,6 +221,14 @@ class ParallelEngine:
 
     # ---------------------------------------------------------------------------------- state
 
+    def _forward_step(self, data_iterator, model):
+        """Through the DeepSpeed engine when there is one (its forward arms ZeRO's backward hooks)."""
+        if self.deepspeed is None:
+            return _forward_step(data_iterator, model)
+        index = next(i for i, c in enumerate(self.chunks) if c is model)
+        return _forward_step(data_iterator, model,
+                             runner=lambda *a, **k: self.deepspeed(*a, chunk=index, **k))
+
     def optimizer_state(self) -> dict[str, Any]:
         """This rank's optimizer state (with ZeRO: its partition, as DeepSpeed's optimizer holds it)."""
         if self.deepspeed is None:
@@ -231,15 +239,29 @@ class ParallelEngine:
         if self.deepspeed is None:
             self.optimizer.load_state_dict(state)
         else:
-            self.deepspeed.optimizer.load_state_dict([state] if self.run.deepspeed.zero_stage in (1, 2) else state)
+            # ZeRO-1/2 take every DP rank's state and pick their own by DP rank; each rank saved only its own
+            stage12 = self.run.deepspeed.zero_stage in (1, 2)
+            self.deepspeed.optimizer.load_state_dict([state] * self.groups.dp if stage12 else [state])
 
 
-def _forward_step(data_iterator, model):
-    """megatron's forward_step_func: per-token loss of one micro-batch [b, s+1] and its loss function."""
+class ChunkList(nn.ModuleList):
+    """This rank's model chunks as one module; `forward(..., chunk=i)` runs chunk i (DeepSpeed wraps this)."""
+
+    def forward(self, *args, chunk: int = 0, **kwargs):
+        return self[chunk](*args, **kwargs)
+
+
+def _forward_step(data_iterator, model, runner=None):
+    """megatron's forward_step_func: per-token loss of one micro-batch [b, s+1] and its loss function.
+
+    `runner(inputs, positions, labels)` replaces `model(...)` (the DeepSpeed engine's forward)."""
     batch = next(data_iterator)
     inputs, labels = batch[:, :-1], batch[:, 1:]
     positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
-    output = model(inputs, positions, attention_mask=None, labels=labels)
+    if runner is None:
+        output = model(inputs, positions, attention_mask=None, labels=labels)
+    else:
+        output = runner(inputs, positions, attention_mask=None, labels=labels)
 
     def loss_func(per_token_loss):
         loss = per_token_loss.float().mean()

@@ -7,6 +7,7 @@ What this proves, on a 2-layer GPT with an FwPKM branch (layer 0) and a static P
   DP semantics: parallel/apply.py::sync_fast_weights); `persistent_local` replicas diverge, unsynced.
 - TP=2 (memory tables column-sharded) equals TP=1 and holds <= 0.55x the memory-table bytes.
 - PP=2 (1F1B), interleaved PP (vpp=2) and TP2 x PP2 equal PP=1 with the same micro-batches.
+- DeepSpeed ZeRO-1/2/3 (DP=2), ZeRO-2 with TP=2 and ZeRO-1 with PP=2 equal the plain optimizer.
 - invalid layouts fail with an error naming the numbers.
 Tolerance 1e-5 relative (the issue's): sharded sums and all-reduces reorder fp32 additions.
 A new layout gets a worker call in the test of its axis; ranks are forked from this process, which
@@ -17,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import megatron.core  # noqa: F401  imported once here, inherited by every forked rank
+import deepspeed  # noqa: F401  imported once here (with megatron-core), inherited by every forked rank
+import megatron.core  # noqa: F401
 from fwpkm_megatron.config import ConfigError, layout_problems, load_config
 from fwpkm_megatron.parallel.groups import LayoutError, init_distributed
 from fwpkm_megatron.training.engine import ParallelEngine
@@ -187,3 +189,21 @@ def _layout_error(rank):
 def test_world_size_not_divisible_fails_at_start():
     (message,) = run_ranks(_layout_error, 1)
     assert message and "world size 1: must be divisible by parallel.tp * parallel.pp = 2 * 1 = 2" in message
+
+
+# ------------------------------------------------------------------------------------------- ZeRO
+
+def test_zero_stages_match_plain_adamw():
+    """DeepSpeed ZeRO-1/2/3 (DP=2), ZeRO-2 with TP=2 and ZeRO-1 with PP=2 equal the plain optimizer."""
+    ref = run_ranks(train, 2, [], 4)
+    for stage in (1, 2, 3):
+        got = run_ranks(train, 2, [f"deepspeed.zero_stage={stage}"], 4)
+        assert_metrics_close(ref[0][0], got[0][0], f"ZeRO-{stage} DP=2 vs plain DP=2")
+        for name, value in got[0][1].items():
+            assert torch.equal(value, got[1][1][name]), f"ZeRO-{stage}: {name} differs across replicas"
+            assert torch.allclose(value, ref[0][1][name], rtol=RTOL, atol=1e-5), name
+    single = run_ranks(train, 1, [], 4, 2)[0]
+    got = run_ranks(train, 2, ["parallel.tp=2", "deepspeed.zero_stage=2"], 4, 2)
+    assert_metrics_close(single[0], got[0][0], "ZeRO-2 TP=2 vs 1 process")
+    got = run_ranks(train, 2, ["parallel.pp=2", "deepspeed.zero_stage=1"], 4, 2)
+    assert_metrics_close(single[0], got[0][0], "ZeRO-1 PP=2 vs 1 process")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 
-import megatron.core  # noqa: F401  imported once, inherited by the forked ranks
+import deepspeed  # noqa: F401  imported once (with megatron-core), inherited by the forked ranks
+import megatron.core  # noqa: F401
+import pytest
 
 from spawn import run_ranks
 
@@ -36,8 +38,9 @@ def test_tp2_trainer_writes_the_single_process_summary(tiny_run, tmp_path):
     assert (tmp_path / "tp2" / "checkpoints" / "step_00000003" / "rank_00001" / "model.pt").is_file()
 
 
-def test_dp2_resumed_run_matches_uninterrupted(tiny_run, tmp_path):
-    steps = ["train.steps=4", "train.eval_batches=1"]
+@pytest.mark.parametrize("engine", ["plain", "zero2"])
+def test_dp2_resumed_run_matches_uninterrupted(tiny_run, tmp_path, engine):
+    steps = ["train.steps=4", "train.eval_batches=1"] + (["deepspeed.zero_stage=2"] if engine == "zero2" else [])
     full = run_ranks(_trainer_run, 2, tiny_run(tmp_path / "full", *steps))
     run_ranks(_trainer_run, 2, tiny_run(tmp_path / "resumed", *steps), 2)
     resumed = run_ranks(_trainer_run, 2, tiny_run(tmp_path / "resumed", *steps))

@@ -1,0 +1,75 @@
+"""DeepSpeed ZeRO as the data-parallel optimizer engine (design table; megatron-deepspeed-notes.md Q1).
+
+The model chunks stay megatron modules driven by megatron's schedules; DeepSpeed owns only the
+optimizer step ("unmanaged" gradient accumulation): backward accumulates grads locally, and
+`engine.step()` reduces them over DP (ZeRO-1/2 partitioned), computes the grad norm over the
+model-parallel group, clips, steps the client torch AdamW and the LR scheduler.
+
+- The client optimizer is torch's AdamW, so DeepSpeed never JIT-builds FusedAdam; on CPU the shm
+  communication op is skipped (`_skip_shm_op`), so nothing is compiled at all.
+- gradient_accumulation_steps = 1: megatron's schedule already divides the loss by num_microbatches.
+- Fast weights are buffers: they are never handed to the optimizer and ZeRO-3 never partitions them.
+- DeepSpeed 0.19.8 resets its backward-hook bookkeeping only in engine.forward; the schedule calls the
+  module directly, so `_fix_backward_hook_state` resets it when a new backward starts with depth 0.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import torch
+
+
+def _skip_shm_op() -> None:
+    """CPU: never JIT-compile DeepSpeed's shared-memory comm op (cpu-stack-notes.md section 3)."""
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # the module, not the torch package
+
+
+def _fix_backward_hook_state(engine) -> None:
+    prologue = engine._backward_prologue
+    optimizer = engine.optimizer
+
+    def fixed():
+        if getattr(optimizer, "backward_active_depth", 1) == 0:
+            optimizer.reset_for_new_step()
+        return prologue()
+
+    engine._backward_prologue = fixed
+
+
+def deepspeed_config(run) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": run.train.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": run.train.grad_clip,
+        "zero_optimization": {"stage": run.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": run.deepspeed.bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_deepspeed(parallel_engine, run):
+    """(DeepSpeed engine, its optimizer, the LR scheduler) for a ParallelEngine's chunks."""
+    _skip_shm_op()
+    import deepspeed
+
+    from fwpkm_megatron.parallel.deepspeed_mpu import mpu_adapter
+    from fwpkm_megatron.training.optim import build_optimizer
+
+    groups = parallel_engine.groups
+    if groups.pp > 1 and run.model.tie_embeddings and groups.is_last_stage and not groups.is_first_stage:
+        parallel_engine.chunks[-1].shared_embedding_or_output_weight().ds_pipe_replicated = True
+    optimizer, scheduler = build_optimizer(parallel_engine.model, run.train)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=parallel_engine.model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(run), mpu=mpu_adapter(), dist_init_required=False)
+    _fix_backward_hook_state(engine)
+    return engine, ds_optimizer, scheduler
