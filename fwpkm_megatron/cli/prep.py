@@ -1,10 +1,14 @@
-"""fwpkm-prep: tokenize a corpus into packed train/val shards (see fwpkm_megatron/data/prepare.py).
+"""fwpkm-prep: tokenize a corpus into packed MDS shards (fwpkm_megatron/data/prepare.py), or build a
+NIAH evaluation set from a prepared corpus (fwpkm_megatron/data/niah.py).
 
     fwpkm-prep --out data/stdlib --max-mb 8                  # the running Python's stdlib, 8 MB of it
-    fwpkm-prep --out data/mine --input 'corpus/**/*.txt' --vocab-size 8192 --seq-len 512
+    fwpkm-prep --out data/web --input 'corpus/*.jsonl' --text-field text --tokenizer tokenizer.json \\
+               --seq-len 2048 --workers 16 --compression zstd
+    fwpkm-prep niah --data data/web --out eval/niah.jsonl --lengths 4096 8192 --per-length 20
 
 Rerunning with the same arguments on a complete prep reuses it (exit 0); a different request needs
---overwrite. Data errors print one line to stderr and exit 2.
+--overwrite. A killed prep resumes where it stopped when rerun with the same arguments. Data errors
+print one line to stderr and exit 2.
 """
 from __future__ import annotations
 
@@ -17,17 +21,41 @@ from fwpkm_megatron.data import DataError, existing_prep, prepare_corpus
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fwpkm-prep", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="fwpkm-prep", description=__doc__.split("\n")[0],
+                                epilog="fwpkm-prep niah --help: the NIAH generator")
     p.add_argument("--out", required=True, help="directory to write (DataConfig path)")
     p.add_argument("--input", action="extend", nargs="+", metavar="PATH_OR_GLOB",
-                   help="text files or globs, one document per file (default: the Python stdlib)")
+                   help="text files, JSONL, Parquet or save_to_disk dirs, or globs (default: the Python stdlib)")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "hf"])
+    p.add_argument("--text-field", default="text", help="JSON key / column holding the text")
     p.add_argument("--tokenizer", help="use this tokenizer.json (must have an EOS token) instead of training")
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--tokenizer-sample-mb", type=float, default=256.0,
+                   help="train text the BPE is trained on, MB (10^6 bytes)")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--packing", default="concat", choices=["concat", "window"],
+                   help="concat: documents + EOS back to back; window: samples never cross documents")
     p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-mb", type=float, help="cap on source text in MB (10^6 bytes), for quick demos")
+    p.add_argument("--max-mb", type=float, help="cap on source files in MB (10^6 bytes), for quick demos")
+    p.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype (default: by vocab size)")
+    p.add_argument("--compression", choices=["zstd", "gz", "bz2", "br", "snappy"], help="shard compression")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prep at --out")
+    return p
+
+
+def _niah_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fwpkm-prep niah", description="Write a NIAH evaluation set (JSON Lines).")
+    p.add_argument("--data", required=True, help="a prepared directory (haystack text and tokenizer)")
+    p.add_argument("--out", required=True, help="the .jsonl file to write")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072],
+                   help="context lengths in tokens")
+    p.add_argument("--per-length", type=int, default=10)
+    p.add_argument("--needles", type=int, default=5, help="needles per record: one target, the rest distractors")
+    p.add_argument("--split", default="val", help="haystack split (default: the held-out val)")
+    p.add_argument("--seed", type=int, default=0)
     return p
 
 
@@ -41,19 +69,40 @@ def _summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def _niah(argv: list[str]) -> int:
+    from fwpkm_megatron.data.niah import write_niah
+
+    args = _niah_parser().parse_args(argv)
+    try:
+        n = write_niah(args.data, args.out, lengths=args.lengths, per_length=args.per_length, seed=args.seed,
+                       split=args.split, num_needles=args.needles)
+    except DataError as exc:
+        print(f"fwpkm-prep niah: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"fwpkm-prep niah: wrote {n} records to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv[:1] == ["niah"]:
+        return _niah(argv[1:])
+    args = _parser().parse_args(argv)
     kwargs = dict(inputs=args.input, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
                   seq_len=args.seq_len, val_fraction=args.val_fraction, seed=args.seed,
-                  max_bytes=None if args.max_mb is None else int(args.max_mb * 1e6))
+                  max_bytes=None if args.max_mb is None else int(args.max_mb * 1e6), fmt=args.format,
+                  text_field=args.text_field, test_fraction=args.test_fraction, packing=args.packing,
+                  compression=args.compression, dtype=args.dtype,
+                  tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 1e6))
     start = time.perf_counter()
     try:
         manifest = None if args.overwrite else existing_prep(args.out, **kwargs)
         if manifest is not None:
             print(f"fwpkm-prep: reusing {args.out} (complete, same request)\n{_summary(manifest)}")
             return 0
-        manifest = prepare_corpus(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty(), **kwargs)
+        manifest = prepare_corpus(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty(),
+                                  workers=args.workers, **kwargs)
     except DataError as exc:
         print(f"fwpkm-prep: error: {exc}", file=sys.stderr)
         return 2

@@ -1,54 +1,85 @@
-"""Prepare a token corpus: text files -> byte-level BPE -> packed fixed-length samples in MDS shards.
+"""Prepare a token corpus: text / JSONL / Parquet / HF-on-disk -> byte-level BPE -> fixed-length samples
+in MDS shards, tokenized in parallel, resumable after a kill.
 
 A prepared directory (the DataConfig `path`):
 
     DIR/
-        manifest.json    written last: format, vocab_size, eos_id, dtype, seq_len, per-split counts,
-                         source fingerprint and the request that produced it (read_manifest)
+        manifest.json    written last: format, vocab_size, eos_id, dtype, seq_len, packing, per-split
+                         counts, the source files with sha256 checksums, seeds, and the request that
+                         produced it (read_manifest)
         tokenizer.json   HF `tokenizers` file (load_tokenizer)
-        documents.json   per split, the documents in packing order: path, bytes, sha256
-        train/, val/     MDS shards + index.json; one column "tokens": ndarray [seq_len + 1] of `dtype`
+        documents.json   how documents map to splits: global document ids of val and test (train is
+                         the rest); ids count non-empty documents in source-file order (split_documents)
+        train/, val/ [, test/]  MDS shards + index.json; one column "tokens": ndarray [seq_len + 1]
 
-Packing: a split's documents, in documents.json order, each followed by EOS, form one token stream
-that is cut into samples of seq_len + 1 tokens (inputs s[:-1], labels s[1:]); the tail shorter than
-seq_len + 1 is dropped and counted. Documents are split by document, so no val text is trained on.
+Documents and splits. The inputs are matched and sorted; each file is read in its format (readers.py).
+Documents get global ids 0..D-1 in that order. A seeded draw (numpy, `seed`) picks the val and test
+ids; splitting is by document, so no held-out text is trained on.
 
-Everything is written into a hidden sibling `.DIR.tmp-<pid>-<hex>` and renamed into place at the end,
-so a directory holding manifest.json is always complete; an interrupted prep leaves nothing at DIR.
-The corpus is held in memory: this is sized for corpora of up to a few GB of text.
+Packing ("concat", the default): a split's documents in id order, each followed by EOS, form one
+token stream cut into samples of seq_len + 1 tokens (inputs s[:-1], labels s[1:]); documents are kept
+whole in the stream, samples cross document ends, and only the stream's last partial sample is dropped.
+"window": each document + EOS is cut into its own non-overlapping windows of seq_len + 1 tokens, so a
+sample never mixes documents (the long-document regime: documents longer than the training length);
+each document's tail shorter than a window, and documents shorter than one, are dropped and counted.
+
+Pipeline, and why a killed prep resumes exactly. Work goes into a hidden sibling `.DIR.partial/`:
+    request.json    the request; a partial of another request is discarded (with a log line)
+    lock            flock held while a prep runs; a second prep on the same DIR stops with an error
+    scan.json       every input validated and cut into chunks (readers.scan_file), file checksums
+    tokenizer.json  trained on a seeded sample of train documents, or the given one
+    units/NNNNNN.npz  the token ids of one work unit (about UNIT_BYTES of text), per split
+    final/          the shards being assembled from the units, then manifest.json
+Each file appears by an atomic rename, so whatever a kill leaves is complete and reused; the units
+that are missing are tokenized (over `workers` processes), and assembly always restarts from the
+units. Every step is a pure function of the sources and request, so the result is byte-identical to
+an uninterrupted prep. Finally `final/` is renamed to DIR and the partial removed: a directory holding
+manifest.json is always complete.
 """
 from __future__ import annotations
 
+import bisect
+import fcntl
 import glob
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import random
 import secrets
 import shutil
+import sys
 import sysconfig
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
+from fwpkm_megatron.data import readers
 from fwpkm_megatron.data import tokenizer as bpe
+from fwpkm_megatron.data.readers import DataError
 from fwpkm_megatron.data.streaming_compat import import_streaming
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fwpkm-megatron/packed-tokens-v1"
-SPLITS = ("train", "val")
+FORMAT = "fwpkm-megatron/packed-tokens-v2"
+READABLE_FORMATS = ("fwpkm-megatron/packed-tokens-v1", FORMAT)  # v1: train/val only, same shard layout
+SPLITS = ("train", "val")               # every prepared directory has these
+ALL_SPLITS = ("train", "val", "test")   # test only when test_fraction > 0
+PACKINGS = ("concat", "window")
+COMPRESSIONS = (None, "zstd", "gz", "bz2", "br", "snappy")  # MDS shard compression (streaming codecs)
+DTYPES = ("uint16", "uint32")
 MANIFEST, TOKENIZER, DOCUMENTS, INDEX = "manifest.json", "tokenizer.json", "documents.json", "index.json"
-SHARD_BYTES = 1 << 25  # 32 MiB shards: a few per GB of tokens, small enough to stream from a remote
+SHARD_BYTES = 1 << 25      # 32 MiB shards: a few per GB of tokens, small enough to stream from a remote
+UNIT_BYTES = 1 << 20       # text per work unit: the grain of parallelism, progress and resume
+TOKENIZER_SAMPLE_BYTES = 256_000_000  # default BPE training sample: 256 MB of train text
 _STDLIB_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test"}
-
-
-class DataError(ValueError):
-    """Bad data input or a broken prepared directory; the message names the file or number at fault."""
 
 
 # ---------------------------------------------------------------- sources
@@ -61,43 +92,57 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files)
 
 
-def _match_inputs(inputs: list[str]) -> list[Path]:
-    """Expand file paths and globs (`**` recursive) into sorted unique files; each must match something."""
-    found: set[Path] = set()
+def _match_inputs(inputs: list[str], fmt: str) -> list[tuple[Path, str]]:
+    """Expand paths and globs (`**` recursive) into sorted unique (path, format); each must match."""
+    found: dict[Path, str] = {}
     for pattern in inputs:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            raise DataError(f"input {pattern}: is a directory; pass a glob such as '{pattern}/**/*.txt'")
+            found[path.resolve()] = readers.detect_format(path) if fmt in ("auto", "hf") else _dir_error(path)
+            continue
         matches = [Path(m) for m in glob.glob(str(path), recursive=True)]
-        files = [m.resolve() for m in matches if m.is_file()]
+        files = [m.resolve() for m in matches if m.is_file() or (m.is_dir() and (m / readers.HF_STATE).is_file())]
         if not files:
             raise DataError(f"input {pattern}: no files matched")
-        found.update(files)
-    return sorted(found)
+        for file in files:
+            found[file] = readers.detect_format(file) if fmt == "auto" else fmt
+    for path, kind in found.items():
+        if kind == "hf" and not (path / readers.HF_STATE).is_file():
+            raise DataError(f"{path}: format hf needs a datasets save_to_disk directory (with {readers.HF_STATE})")
+    return sorted(found.items())
 
 
-def _sources(inputs: list[str] | None) -> tuple[dict[str, Any], list[tuple[Path, int]]]:
-    """Candidate files with their sizes, plus the manifest's source description."""
+def _dir_error(path: Path) -> str:
+    raise DataError(f"input {path}: is a directory; pass a glob such as '{path}/**/*.txt'")
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        return path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot stat ({exc.strerror})") from None
+
+
+def _sources(inputs: list[str] | None, fmt: str) -> tuple[dict[str, Any], list[tuple[Path, str, int]]]:
+    """Candidate files as (path, format, size), plus the manifest's source description."""
     if inputs is None:
         root, files = stdlib_files()
+        matched = [(p, "text") for p in files]
         desc: dict[str, Any] = {"kind": "stdlib", "root": str(root)}
     else:
-        files = _match_inputs(list(inputs))
+        matched = _match_inputs(list(inputs), fmt)
         desc = {"kind": "files", "inputs": list(inputs)}
-    sized = []
-    for path in files:
-        try:
-            sized.append((path, path.stat().st_size))
-        except OSError as exc:
-            raise DataError(f"{path}: cannot stat ({exc.strerror})") from None
+    sized = [(path, kind, _size(path)) for path, kind in matched]
     if not sized:
         raise DataError(f"no source files found under {desc.get('root', inputs)}")
-    listing = "".join(f"{p}\t{n}\n" for p, n in sized).encode()
-    desc["listing_sha256"] = hashlib.sha256(listing).hexdigest()  # cheap identity: paths and sizes
+    listing = "".join(f"{p}\t{k}\t{n}\n" for p, k, n in sized).encode()
+    desc["listing_sha256"] = hashlib.sha256(listing).hexdigest()  # cheap identity: paths, formats, sizes
     return desc, sized
 
 
-def _select(sized: list[tuple[Path, int]], max_bytes: int | None, seed: int) -> list[tuple[Path, int]]:
+def _select(sized: list[tuple[Path, str, int]], max_bytes: int | None, seed: int) -> list[tuple[Path, str, int]]:
     """Files up to `max_bytes` in total, taken greedily in a seeded order (files that would overflow
     the cap are skipped, later smaller ones still fit), returned in sorted order."""
     if max_bytes is None:
@@ -105,75 +150,264 @@ def _select(sized: list[tuple[Path, int]], max_bytes: int | None, seed: int) -> 
     order = list(sized)
     random.Random(f"{seed}/select").shuffle(order)
     chosen, total = [], 0
-    for path, size in order:
-        if total + size <= max_bytes:
-            chosen.append((path, size))
-            total += size
+    for item in order:
+        if total + item[2] <= max_bytes:
+            chosen.append(item)
+            total += item[2]
     return sorted(chosen)
 
 
-def _read(files: list[tuple[Path, int]], *, strict: bool) -> tuple[list[dict[str, Any]], list[str], int]:
-    """Read UTF-8 documents exactly (no newline translation). Empty files are skipped; undecodable
-    files raise when `strict`, else are skipped and listed (the stdlib may carry odd encodings)."""
-    docs, undecodable, empty = [], [], 0
-    for path, _ in files:
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    try:
+        for file in files:
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    return digest.hexdigest()
+
+
+def _scan(files: list[tuple[Path, str, int]], *, text_field: str, strict: bool) -> list[dict[str, Any]]:
+    """readers.scan_file over every file: validated, chunked, checksummed (scan.json's `files`)."""
+    scanned = []
+    for path, kind, size in files:
+        result = readers.scan_file(path, kind, text_field=text_field, chunk_bytes=UNIT_BYTES, strict=strict)
+        scanned.append({"path": str(path), "format": kind, "bytes": size, "sha256": _sha256_file(path),
+                        "documents": sum(c.documents for c in result.chunks),
+                        "text_bytes": sum(c.text_bytes for c in result.chunks), "empty": result.empty,
+                        "undecodable": result.undecodable, "chunks": [c.to_json() for c in result.chunks]})
+    return scanned
+
+
+# ---------------------------------------------------------------- splits and work units
+
+def _held_out(n_docs: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Seeded val and test document ids (sorted). Val gets round(val_fraction * D), at least 1; test gets
+    round(test_fraction * D), at least 1 if test_fraction > 0; train keeps at least 1."""
+    n_val = max(1, round(val_fraction * n_docs))
+    n_test = max(1, round(test_fraction * n_docs)) if test_fraction > 0 else 0
+    if n_docs - n_val - n_test < 1:
+        raise DataError(f"corpus has {n_docs} documents; need more than val ({n_val}) + test ({n_test}) "
+                        "to keep one for train")
+    rng = np.random.default_rng([seed, 0x5b1])  # Floyd's sampling: memory O(held out), not O(D)
+    held = rng.choice(n_docs, size=n_val + n_test, replace=False)
+    out = {"val": sorted(int(i) for i in held[:n_val])}
+    if n_test:
+        out["test"] = sorted(int(i) for i in held[n_val:])
+    return out
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A run of chunks (file index, chunk) whose documents have global ids [first_doc, first_doc + docs)."""
+    index: int
+    segments: tuple[tuple[int, tuple[int, ...]], ...]
+    first_doc: int
+    documents: int
+    text_bytes: int
+
+
+def _units(scanned: list[dict[str, Any]]) -> list[Unit]:
+    """Group consecutive chunks into units of about UNIT_BYTES of text, in document-id order."""
+    units: list[Unit] = []
+    segments: list[tuple[int, tuple[int, ...]]] = []
+    first = docs = text = 0
+    for f, file in enumerate(scanned):
+        for chunk in file["chunks"]:
+            if not chunk[3]:
+                continue
+            segments.append((f, tuple(chunk)))
+            docs, text = docs + chunk[3], text + chunk[4]
+            if text >= UNIT_BYTES:
+                units.append(Unit(len(units), tuple(segments), first, docs, text))
+                segments, first, docs, text = [], first + docs, 0, 0
+    if segments:
+        units.append(Unit(len(units), tuple(segments), first, docs, text))
+    return units
+
+
+def _unit_documents(scanned: list[dict[str, Any]], unit: Unit, text_field: str) -> Iterator[str]:
+    for f, chunk in unit.segments:
+        file = scanned[f]
+        yield from readers.read_chunk(Path(file["path"]), file["format"], readers.Chunk.from_json(list(chunk)),
+                                      text_field=text_field)
+
+
+def _unit_splits(unit: Unit, held: dict[str, list[int]]) -> np.ndarray:
+    """Split index (position in ALL_SPLITS) of each document of the unit."""
+    ids = np.arange(unit.first_doc, unit.first_doc + unit.documents)
+    out = np.zeros(unit.documents, dtype=np.int8)
+    for s, split in enumerate(ALL_SPLITS[1:], start=1):
+        out[np.isin(ids, np.asarray(held.get(split, []), dtype=np.int64))] = s
+    return out
+
+
+# ---------------------------------------------------------------- tokenizing units (worker side)
+
+_worker_tok: dict[str, Tokenizer] = {}  # per process: tokenizer path -> loaded tokenizer
+
+
+def _tokenize_unit(job: tuple) -> tuple[int, int, int]:
+    """Tokenize one unit into `units/NNNNNN.npz` (per split: `tokens` with EOS after each document and
+    `lengths` per document); returns (unit index, documents, tokens). Runs in worker processes."""
+    unit, scanned, held, tok_path, text_field, eos_id, dtype, units_dir = job
+    tok = _worker_tok.get(tok_path)
+    if tok is None:
+        tok = _worker_tok[tok_path] = Tokenizer.from_file(tok_path)
+    texts = list(_unit_documents(scanned, unit, text_field))
+    if len(texts) != unit.documents:
+        raise DataError(f"{scanned[unit.segments[0][0]]['path']}: {len(texts)} documents, the scan counted "
+                        f"{unit.documents}; did the file change during prep?")
+    ids = bpe.encode_documents(tok, texts, desc="", progress=False)
+    split_of = _unit_splits(unit, held)
+    arrays = {}
+    n_tokens = 0
+    for s, split in enumerate(ALL_SPLITS):
+        docs = [ids[i] + [eos_id] for i in np.flatnonzero(split_of == s)]
+        lengths = np.array([len(d) for d in docs], dtype=np.int64)
+        arrays[f"{split}_tokens"] = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
+        arrays[f"{split}_lengths"] = lengths
+        n_tokens += int(lengths.sum())
+    final = Path(units_dir) / f"{unit.index:06d}.npz"
+    part = final.with_name(f".{final.stem}.{os.getpid()}.part.npz")
+    np.savez(part, **arrays)
+    os.replace(part, final)
+    return unit.index, unit.documents, n_tokens
+
+
+_held_locks: set[int] = set()  # fds of partial-dir locks this process holds
+
+
+def _init_worker() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    for fd in _held_locks:  # a forked copy would keep the flock alive after the prep itself is killed
         try:
-            raw = path.read_bytes()
-            text = raw.decode("utf-8")
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-        except UnicodeDecodeError as exc:
-            if strict:
-                raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-            undecodable.append(str(path))
-            continue
-        if not text:
-            empty += 1
-            continue
-        docs.append({"path": str(path), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
-                     "text": text})
-    return docs, undecodable, empty
+            os.close(fd)
+        except OSError:
+            pass
 
 
-def _split(n_docs: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded document split; val gets round(val_fraction * n), at least 1, and train keeps >= 1."""
-    order = list(range(n_docs))
-    random.Random(f"{seed}/split").shuffle(order)
-    n_val = min(n_docs - 1, max(1, round(val_fraction * n_docs)))
-    return sorted(order[n_val:]), sorted(order[:n_val])
+class _Progress:
+    """documents/s, tokens/s and ETA (by text bytes) on a tqdm bar, or a log line every 10 s."""
+
+    def __init__(self, total_bytes: int, done_bytes: int, show_bar: bool):
+        self.start, self.last_log = time.perf_counter(), time.perf_counter()
+        self.docs = self.tokens = 0
+        self.total, self.done, self.first_done = total_bytes, done_bytes, done_bytes
+        self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="tokenize",
+                        disable=not show_bar, leave=False, file=sys.stderr)
+
+    def update(self, docs: int, tokens: int, text_bytes: int) -> None:
+        self.docs, self.tokens, self.done = self.docs + docs, self.tokens + tokens, self.done + text_bytes
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = f"{self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tok/s"
+        self.bar.set_postfix_str(rate, refresh=False)
+        self.bar.update(text_bytes)
+        if self.bar.disable and time.perf_counter() - self.last_log > 10:
+            self.last_log = time.perf_counter()
+            speed = (self.done - self.first_done) / elapsed
+            eta = (self.total - self.done) / speed if speed else float("nan")
+            log.info("tokenize: %.0f%% of %.1f MB, %s, ETA %.0fs", 100 * self.done / max(self.total, 1),
+                     self.total / 1e6, rate, eta)
+
+    def close(self) -> dict[str, float]:
+        self.bar.close()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"seconds": elapsed, "docs_per_s": self.docs / elapsed, "tokens_per_s": self.tokens / elapsed}
 
 
-# ---------------------------------------------------------------- packing and writing
+def _tokenize_units(units: list[Unit], scanned: list[dict[str, Any]], held: dict[str, list[int]],
+                    tok_path: Path, text_field: str, eos_id: int, dtype: str, units_dir: Path,
+                    workers: int, show_bar: bool) -> dict[str, float]:
+    """Tokenize the units whose file is missing, over `workers` processes (1 = in this process)."""
+    todo = [u for u in units if not (units_dir / f"{u.index:06d}.npz").is_file()]
+    if len(todo) < len(units):
+        log.info("resuming prep: %d of %d work units already tokenized", len(units) - len(todo), len(units))
+    by_index = {u.index: u for u in todo}
+    progress = _Progress(sum(u.text_bytes for u in units),
+                         sum(u.text_bytes for u in units if u.index not in by_index), show_bar)
+    jobs = [(u, _files_of(scanned, u), _held_in(held, u), str(tok_path), text_field, eos_id, dtype,
+             str(units_dir)) for u in todo]
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                index, docs, tokens = _tokenize_unit(job)
+                progress.update(docs, tokens, by_index[index].text_bytes)
+        else:
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            with context.Pool(workers, initializer=_init_worker) as pool:
+                for index, docs, tokens in pool.imap_unordered(_tokenize_unit, jobs):
+                    progress.update(docs, tokens, by_index[index].text_bytes)
+    finally:
+        stats = progress.close()
+    return stats
+
+
+def _held_in(held: dict[str, list[int]], unit: Unit) -> dict[str, list[int]]:
+    """The held-out ids inside the unit's document range (jobs stay small when D is large)."""
+    lo, hi = unit.first_doc, unit.first_doc + unit.documents
+    return {s: ids[bisect.bisect_left(ids, lo): bisect.bisect_left(ids, hi)] for s, ids in held.items()}
+
+
+def _files_of(scanned: list[dict[str, Any]], unit: Unit) -> list[dict[str, Any]]:
+    """The scan entries a unit reads (others emptied: jobs are pickled to the workers)."""
+    needed = {f for f, _ in unit.segments}
+    return [{"path": s["path"], "format": s["format"]} if i in needed else {} for i, s in enumerate(scanned)]
+
+
+# ---------------------------------------------------------------- assembling shards from units
 
 def token_dtype(vocab_size: int) -> str:
     """Narrowest unsigned dtype holding ids [0, vocab_size)."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def _pack(ids: list[list[int]], eos_id: int, sample_len: int, dtype: str) -> tuple[np.ndarray, int]:
-    """Documents + EOS each, concatenated, cut into rows of sample_len -> (samples [S, sample_len], tokens)."""
-    eos = np.array([eos_id], dtype=dtype)
-    parts = []
-    for doc in ids:
-        parts += [np.asarray(doc, dtype=dtype), eos]
-    stream = np.concatenate(parts)
-    n_samples = len(stream) // sample_len
-    return stream[: n_samples * sample_len].reshape(n_samples, sample_len), len(stream)
+def _samples(units_dir: Path, n_units: int, split: str, sample_len: int, packing: str,
+             counts: dict[str, int]) -> Iterator[np.ndarray]:
+    """Rows [sample_len] of one split, from the unit files in order; fills `counts`."""
+    carry = None
+    for i in range(n_units):
+        with np.load(units_dir / f"{i:06d}.npz") as unit:
+            tokens, lengths = unit[f"{split}_tokens"], unit[f"{split}_lengths"]
+        counts["documents"] += len(lengths)
+        counts["tokens"] += len(tokens)
+        if packing == "concat":
+            stream = tokens if carry is None else np.concatenate([carry, tokens])
+            n = len(stream) // sample_len
+            yield from stream[: n * sample_len].reshape(n, sample_len)
+            carry = stream[n * sample_len:]
+        else:
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            for lo, hi in zip(offsets[:-1], offsets[1:]):
+                n = int(hi - lo) // sample_len
+                counts["dropped_documents"] += int(n == 0)
+                yield from tokens[lo: lo + n * sample_len].reshape(n, sample_len)
 
 
-def _write_shards(split_dir: Path, samples: np.ndarray) -> None:
-    """One MDS column `tokens` of fixed shape [sample_len]; sha1 per shard for later validation."""
+def _write_split(split_dir: Path, rows: Iterator[np.ndarray], dtype: str, sample_len: int,
+                 compression: str | None) -> int:
+    """MDS shards with one column `tokens` of fixed shape [sample_len], sha1 per shard; returns rows."""
     streaming = import_streaming()
-    column = f"ndarray:{samples.dtype.name}:{samples.shape[1]}"
-    with streaming.MDSWriter(out=str(split_dir), columns={"tokens": column}, compression=None,
-                             hashes=["sha1"], size_limit=SHARD_BYTES) as writer:
-        for row in samples:
+    n = 0
+    with streaming.MDSWriter(out=str(split_dir), columns={"tokens": f"ndarray:{dtype}:{sample_len}"},
+                             compression=compression, hashes=["sha1"], size_limit=SHARD_BYTES) as writer:
+        for row in rows:
             writer.write({"tokens": row})
+            n += 1
+    return n
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    """Write JSON atomically (temp file + rename)."""
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    part.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(part, path)
 
+
+# ---------------------------------------------------------------- the partial directory
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -186,7 +420,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_dead_temps(out: Path) -> None:
-    """Delete temp siblings left by preps that were killed (their pid is gone)."""
+    """Delete `.DIR.tmp-<pid>-*` siblings of preps that were killed (their pid is gone)."""
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):
         pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
@@ -194,8 +428,55 @@ def _remove_dead_temps(out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def partial_dir(out: Path) -> Path:
+    """Where an unfinished prep of `out` keeps its work (module docstring)."""
+    return out.parent / f".{out.name}.partial"
+
+
+class _Partial:
+    """The locked partial directory of one request; stale partials of other requests are discarded."""
+
+    def __init__(self, out: Path, request: dict[str, Any]):
+        self.root = partial_dir(out)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / "lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise DataError(f"{out}: another fwpkm-prep is writing it (lock {self.root / 'lock'} is held)") from None
+        _held_locks.add(self._lock.fileno())
+        try:
+            held = json.loads((self.root / "request.json").read_text())
+        except (OSError, ValueError):
+            held = None
+        if held != request:
+            if held is not None or any(p.name != "lock" for p in self.root.iterdir()):
+                log.warning("discarding %s: left by an interrupted prep of a different request", self.root)
+            for p in self.root.iterdir():
+                if p.name != "lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            _write_json(self.root / "request.json", request)
+        (self.root / "units").mkdir(exist_ok=True)
+
+    def load(self, name: str) -> Any:
+        try:
+            return json.loads((self.root / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.close()
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            _held_locks.discard(self._lock.fileno())
+            self._lock.close()
+
+
 def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished temp dir to `out`, replacing whatever the caller agreed to replace."""
+    """Rename the finished directory to `out`, replacing whatever the caller agreed to replace."""
     if out.exists():
         old = out.parent / f".{out.name}.tmp-{os.getpid()}-old-{secrets.token_hex(4)}"
         os.rename(out, old)
@@ -208,20 +489,39 @@ def _install(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------- requests and reuse
 
 def _request(inputs: list[str] | None, tokenizer_path: str | None, vocab_size: int, seq_len: int,
-             val_fraction: float, seed: int, max_bytes: int | None) -> tuple[dict[str, Any], dict, list]:
+             val_fraction: float, seed: int, max_bytes: int | None, *, fmt: str = "auto",
+             text_field: str = "text", test_fraction: float = 0.0, packing: str = "concat",
+             compression: str | None = None, dtype: str | None = None,
+             tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES) -> tuple[dict[str, Any], dict, list]:
     """Validate arguments and resolve sources -> (request as stored in the manifest, source, files)."""
     problems = []
     if seq_len < 1:
         problems.append(f"seq_len={seq_len}: must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         problems.append(f"val_fraction={val_fraction}: must be in [0, 1) (val gets >= 1 document anyway)")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        problems.append(f"test_fraction={test_fraction}: must be in [0, 1 - val_fraction)")
     if max_bytes is not None and max_bytes < 1:
         problems.append(f"max_bytes={max_bytes}: must be >= 1 or None")
     if seed < 0:
         problems.append(f"seed={seed}: must be >= 0 (streaming shuffles with it)")
-    if tokenizer_path is None and not bpe.MIN_VOCAB_SIZE <= vocab_size <= 1 << 32:
-        problems.append(f"vocab_size={vocab_size}: does not fit; a byte-level BPE needs "
-                        f">= {bpe.MIN_VOCAB_SIZE} (256 bytes + EOS) and ids must fit uint32")
+    if fmt not in readers.FORMATS:
+        problems.append(f"format={fmt!r}: must be one of {', '.join(readers.FORMATS)}")
+    if inputs is None and fmt not in ("auto", "text"):
+        problems.append(f"format={fmt!r} needs inputs (the default corpus is text)")
+    if packing not in PACKINGS:
+        problems.append(f"packing={packing!r}: must be one of {', '.join(PACKINGS)}")
+    if compression not in COMPRESSIONS:
+        problems.append(f"compression={compression!r}: must be one of {COMPRESSIONS}")
+    if dtype not in (None, *DTYPES):
+        problems.append(f"dtype={dtype!r}: must be one of {DTYPES} or None (by vocab size)")
+    if tokenizer_sample_bytes < 1:
+        problems.append(f"tokenizer_sample_bytes={tokenizer_sample_bytes}: must be >= 1")
+    if tokenizer_path is None:
+        limit = 1 << (16 if dtype == "uint16" else 32)
+        if not bpe.MIN_VOCAB_SIZE <= vocab_size <= limit:
+            problems.append(f"vocab_size={vocab_size}: does not fit; a byte-level BPE needs "
+                            f">= {bpe.MIN_VOCAB_SIZE} (256 bytes + EOS) and ids must fit {dtype or 'uint32'}")
     if problems:
         raise DataError("; ".join(problems))
     tok_sha = None
@@ -230,10 +530,13 @@ def _request(inputs: list[str] | None, tokenizer_path: str | None, vocab_size: i
             tok_sha = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
         except OSError as exc:
             raise DataError(f"tokenizer {tokenizer_path}: cannot read ({exc.strerror})") from None
-    source, sized = _sources(inputs)
+    source, sized = _sources(inputs, fmt)
     request = {"listing_sha256": source["listing_sha256"], "tokenizer_sha256": tok_sha,
                "vocab_size": None if tokenizer_path else vocab_size, "seq_len": seq_len,
-               "val_fraction": val_fraction, "seed": seed, "max_bytes": max_bytes}
+               "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+               "max_bytes": max_bytes, "format": fmt, "text_field": text_field, "packing": packing,
+               "compression": compression, "dtype": dtype,
+               "tokenizer_sample_bytes": None if tokenizer_path else tokenizer_sample_bytes}
     return request, source, sized
 
 
@@ -249,137 +552,250 @@ def _complete_manifest(out: Path) -> dict[str, Any] | None:
 
 def existing_prep(out_dir: str | os.PathLike, *, inputs: list[str] | None = None,
                   tokenizer_path: str | None = None, vocab_size: int = 4096, seq_len: int = 256,
-                  val_fraction: float = 0.02, seed: int = 0, max_bytes: int | None = None) -> dict | None:
+                  val_fraction: float = 0.02, seed: int = 0, max_bytes: int | None = None,
+                  **options: Any) -> dict | None:
     """The manifest at `out_dir` if it is complete and was made by the same request, else None.
 
-    "Same" means the same source listing (paths and sizes), tokenizer file bytes and parameters, so a
-    rerun of `make demo` reuses the data. Costs a stat per source file, no reads.
+    "Same" means the same source listing (paths, formats and sizes), tokenizer file bytes and
+    parameters (`options`: the keyword arguments of prepare_corpus that shape the result), so a rerun
+    of `make demo` reuses the data. Costs a stat per source file, no reads.
     """
     manifest = _complete_manifest(Path(out_dir))
     if manifest is None:
         return None
-    request, _, _ = _request(inputs, tokenizer_path, vocab_size, seq_len, val_fraction, seed, max_bytes)
+    options = {k: v for k, v in options.items() if k not in ("workers", "overwrite", "progress")}
+    request, _, _ = _request(inputs, tokenizer_path, vocab_size, seq_len, val_fraction, seed, max_bytes,
+                             **options)
     return manifest if manifest.get("format") == FORMAT and manifest.get("request") == request else None
 
 
 # ---------------------------------------------------------------- the pipeline
 
-def prepare_corpus(out_dir: str | os.PathLike, *, inputs: list[str] | None = None,
-                   tokenizer_path: str | None = None, vocab_size: int = 4096, seq_len: int = 256,
-                   val_fraction: float = 0.02, seed: int = 0, max_bytes: int | None = None,
-                   overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Tokenize a text corpus into packed train/val MDS shards (layout in the module docstring).
-
-    Args:
-        out_dir: target directory; written atomically (temp sibling + rename).
-        inputs: file paths or globs of UTF-8 text files, one document per file; None = the running
-            Python's standard library (`*.py`, no site-packages or test dirs).
-        tokenizer_path: an existing tokenizer.json to use instead of training one; it must hold an EOS
-            token (one of tokenizer.EOS_CANDIDATES). `vocab_size` is then ignored.
-        vocab_size: BPE vocab to train (including the byte alphabet and EOS). A small corpus may
-            yield fewer; the manifest holds the real size.
-        seq_len: tokens per training input; samples hold seq_len + 1 (inputs plus shifted labels).
-        val_fraction: share of documents held out for val (at least one document).
-        seed: fixes the max_bytes file selection and the train/val split.
-        max_bytes: cap on source bytes, filled greedily in a seeded file order (quick demos).
-        overwrite: replace an existing prep (or other content) at out_dir.
-        progress: show a tqdm bar while tokenizing.
-
-    Returns:
-        The manifest dict (also written to out_dir/manifest.json).
-
-    Raises:
-        DataError: no files matched, unreadable or non-UTF-8 input, empty corpus, a split too short
-            for one sample, vocab_size that does not fit, tokenizer without EOS, out_dir occupied.
-    """
-    t0 = time.perf_counter()
-    out = Path(out_dir).expanduser().absolute()
-    request, source, sized = _request(inputs, tokenizer_path, vocab_size, seq_len, val_fraction, seed,
-                                      max_bytes)
-    if not overwrite:
-        held = _complete_manifest(out)
-        if held is not None:
-            same = held.get("request") == request
-            raise DataError(f"{out}: already holds a complete prep"
-                            f"{' of this request' if same else ' of a different request'}; "
-                            "pass overwrite=True (fwpkm-prep --overwrite) to replace it")
-        if out.is_dir() and any(out.iterdir()):
-            raise DataError(f"{out}: exists, is not empty and holds no {MANIFEST}; refusing to replace "
-                            "it without overwrite=True")
-
-    chosen = _select(sized, max_bytes, seed)
-    docs, undecodable, empty = _read(chosen, strict=inputs is not None)
-    where = source.get("root") or ", ".join(source["inputs"])
-    if not docs:
-        raise DataError(f"empty corpus: no non-empty UTF-8 documents in {where}"
-                        + (f" within max_bytes={max_bytes}" if max_bytes else ""))
-    if len(docs) < 2:
-        raise DataError(f"corpus has 1 document ({docs[0]['path']}); need >= 2 to split train/val by document")
-    for path in undecodable:
-        log.warning("skipped %s: not UTF-8", path)
-    train_idx, val_idx = _split(len(docs), val_fraction, seed)
-    split_docs = {"train": [docs[i] for i in train_idx], "val": [docs[i] for i in val_idx]}
-
+def _tokenizer(partial: _Partial, tokenizer_path: str | None, vocab_size: int, sample_bytes: int,
+               units: list[Unit], scanned: list[dict[str, Any]], held: dict[str, list[int]],
+               text_field: str, seed: int) -> Tokenizer:
+    """The partial's tokenizer.json: loaded if a killed prep got that far, else trained or copied."""
+    path = partial.root / TOKENIZER
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
     if tokenizer_path is None:
-        tok = bpe.train_bpe([d["text"] for d in split_docs["train"]], vocab_size)
+        texts, total = [], 0
+        order = list(range(len(units)))
+        random.Random(f"{seed}/tokenizer-sample").shuffle(order)
+        for u in order:  # whole units in a seeded order, train documents only, until the sample is full
+            unit = units[u]
+            train = _unit_splits(unit, held) == 0
+            for text, is_train in zip(_unit_documents(scanned, unit, text_field), train):
+                if is_train:
+                    texts.append(text)
+                    total += len(text)
+            if total >= sample_bytes:
+                break
+        tok = bpe.train_bpe(texts, vocab_size)
     else:
         try:
             tok = Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:  # tokenizers raises a bare Exception on parse errors
             raise DataError(f"tokenizer {tokenizer_path}: cannot load ({exc})") from None
+    part = path.with_name(f".{TOKENIZER}.part")
+    tok.save(str(part))
+    os.replace(part, path)
+    return Tokenizer.from_file(str(path))  # what the workers and a resumed prep load
+
+
+def prepare_corpus(out_dir: str | os.PathLike, *, inputs: list[str] | None = None,
+                   tokenizer_path: str | None = None, vocab_size: int = 4096, seq_len: int = 256,
+                   val_fraction: float = 0.02, seed: int = 0, max_bytes: int | None = None,
+                   overwrite: bool = False, progress: bool = True, fmt: str = "auto",
+                   text_field: str = "text", test_fraction: float = 0.0, packing: str = "concat",
+                   compression: str | None = None, dtype: str | None = None, workers: int = 1,
+                   tokenizer_sample_bytes: int = TOKENIZER_SAMPLE_BYTES) -> dict[str, Any]:
+    """Tokenize a corpus into packed MDS shards per split (layout and resume in the module docstring).
+
+    Args:
+        out_dir: target directory; appears complete or not at all.
+        inputs: paths or globs of text files (one document each), JSON Lines, Parquet files, or
+            datasets save_to_disk directories; None = the running Python's standard library
+            (`*.py`, no site-packages or test dirs).
+        tokenizer_path: an existing tokenizer.json to use instead of training one; it must hold an EOS
+            token (one of tokenizer.EOS_CANDIDATES). `vocab_size` is then ignored.
+        vocab_size: BPE vocab to train (including the byte alphabet and EOS). A small corpus may
+            yield fewer; the manifest holds the real size.
+        seq_len: tokens per training input; samples hold seq_len + 1 (inputs plus shifted labels).
+        val_fraction, test_fraction: shares of documents held out (val gets at least one; test only
+            if test_fraction > 0).
+        seed: fixes the max_bytes file selection, the split and the tokenizer sample.
+        max_bytes: cap on source file bytes, filled greedily in a seeded file order (quick demos).
+        overwrite: replace an existing prep (or other content) at out_dir.
+        progress: show a progress bar (else a log line every 10 s).
+        fmt: "auto" (by suffix; a directory with state.json is "hf"), "text", "jsonl", "parquet", "hf".
+        text_field: JSON key or column holding the text (jsonl, parquet, hf).
+        packing: "concat" or "window" (module docstring).
+        compression: MDS shard compression, e.g. "zstd"; None = uncompressed.
+        dtype: token dtype; None = uint16 if the vocab fits, else uint32.
+        workers: tokenizer processes (1 = in this process, using the tokenizer's own threads).
+        tokenizer_sample_bytes: train text the BPE is trained on (whole work units, seeded order).
+
+    Returns:
+        The manifest dict (also written to out_dir/manifest.json).
+
+    Raises:
+        DataError: no files matched; an unreadable file, malformed JSON line, unreadable Parquet file
+            or missing text field (naming file and line); an empty corpus; a split too short for one
+            sample; a vocab that does not fit the dtype; a tokenizer without EOS; out_dir occupied or
+            being written by another prep.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir).expanduser().absolute()
+    request, source, sized = _request(
+        inputs, tokenizer_path, vocab_size, seq_len, val_fraction, seed, max_bytes, fmt=fmt,
+        text_field=text_field, test_fraction=test_fraction, packing=packing, compression=compression,
+        dtype=dtype, tokenizer_sample_bytes=tokenizer_sample_bytes)
+    if workers < 1:
+        raise DataError(f"workers={workers}: must be >= 1")
+    held_prep = _complete_manifest(out)
+    if not overwrite and held_prep is not None:
+        if held_prep.get("format") in READABLE_FORMATS and held_prep.get("format") != FORMAT:
+            log.warning("%s holds a prep in the older format %s; replacing it", out, held_prep.get("format"))
+        else:
+            same = held_prep.get("request") == request
+            raise DataError(f"{out}: already holds a complete prep"
+                            f"{' of this request' if same else ' of a different request'}; "
+                            "pass overwrite=True (fwpkm-prep --overwrite) to replace it")
+    elif not overwrite and out.is_dir() and any(out.iterdir()):
+        raise DataError(f"{out}: exists, is not empty and holds no {MANIFEST}; refusing to replace "
+                        "it without overwrite=True")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(out)
+    partial = _Partial(out, request)
+    try:
+        manifest = _prepare(out, partial, request, source, sized, tokenizer_path=tokenizer_path,
+                            vocab_size=vocab_size, seq_len=seq_len, seed=seed, max_bytes=max_bytes,
+                            fmt=fmt, text_field=text_field, packing=packing, compression=compression,
+                            dtype=dtype, workers=workers, progress=progress,
+                            tokenizer_sample_bytes=tokenizer_sample_bytes, val_fraction=val_fraction,
+                            test_fraction=test_fraction)
+    except DataError:
+        partial.remove()  # bad input: nothing worth resuming
+        raise
+    except BaseException:
+        partial.close()   # killed or crashed: keep the finished units for the next run
+        raise
+    partial.remove()
+    log.info("prepared %s in %.1fs", out, time.perf_counter() - t0)
+    return manifest
+
+
+def _prepare(out: Path, partial: _Partial, request: dict[str, Any], source: dict[str, Any],
+             sized: list[tuple[Path, str, int]], *, tokenizer_path: str | None, vocab_size: int,
+             seq_len: int, seed: int, max_bytes: int | None, fmt: str, text_field: str, packing: str,
+             compression: str | None, dtype: str | None, workers: int, progress: bool,
+             tokenizer_sample_bytes: int, val_fraction: float, test_fraction: float) -> dict[str, Any]:
+    """Scan, split, tokenizer, units, assembly, install (module docstring), reusing the partial's work."""
+    scan = partial.load("scan.json")
+    if scan is None:
+        chosen = _select(sized, max_bytes, seed)
+        scan = {"files": _scan(chosen, text_field=text_field, strict=source["kind"] != "stdlib")}
+        _write_json(partial.root / "scan.json", scan)
+    scanned = scan["files"]
+    n_docs = sum(f["documents"] for f in scanned)
+    where = source.get("root") or ", ".join(source["inputs"])
+    if not n_docs:
+        raise DataError(f"empty corpus: no non-empty documents in {where}"
+                        + (f" within max_bytes={max_bytes}" if max_bytes else ""))
+    if n_docs < 2:
+        only = next(f["path"] for f in scanned if f["documents"])
+        raise DataError(f"corpus has 1 document ({only}); need >= 2 to split train/val by document")
+    for f in scanned:
+        if f["undecodable"]:
+            log.warning("skipped %s: not UTF-8", f["path"])
+    held = _held_out(n_docs, val_fraction, test_fraction, seed)
+    splits = ("train", *held)
+    units = _units(scanned)
+
+    tok = _tokenizer(partial, tokenizer_path, vocab_size, tokenizer_sample_bytes, units, scanned, held,
+                     text_field, seed)
     eos = bpe.find_eos(tok)
     if eos is None:
         raise DataError(f"tokenizer {tokenizer_path}: has no EOS token (looked for "
                         f"{', '.join(bpe.EOS_CANDIDATES)})")
     eos_token, eos_id = eos
     vocab = bpe.vocab_size_of(tok)
-    if vocab > 1 << 32:
-        raise DataError(f"tokenizer {tokenizer_path}: vocab_size={vocab} does not fit uint32 ids")
-    dtype = token_dtype(vocab)
-    t_tok = time.perf_counter()
+    token_type = dtype or token_dtype(vocab)
+    if vocab > 1 << (16 if token_type == "uint16" else 32):
+        raise DataError(f"tokenizer {tokenizer_path or 'trained'}: vocab_size={vocab} does not fit {token_type} ids")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temps(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        splits = {}
-        for split in SPLITS:
-            ids = bpe.encode_documents(tok, [d["text"] for d in split_docs[split]], desc=f"tokenize {split}",
-                                       progress=progress)
-            samples, n_tokens = _pack(ids, eos_id, seq_len + 1, dtype)
-            if not len(samples):
-                hint = "a larger val_fraction" if split == "val" else "more data"
-                raise DataError(f"{split} split: {n_tokens} tokens from {len(split_docs[split])} documents, "
-                                f"fewer than one sample of seq_len+1={seq_len + 1}; use {hint} or a smaller "
-                                "seq_len")
-            _write_shards(tmp / split, samples)
-            splits[split] = {"documents": len(split_docs[split]), "tokens": n_tokens,
-                             "samples": len(samples), "dropped_tokens": n_tokens - samples.size}
-        tok.save(str(tmp / TOKENIZER))
-        _write_json(tmp / DOCUMENTS, {s: [{k: d[k] for k in ("path", "bytes", "sha256")} for d in split_docs[s]]
-                                      for s in SPLITS})
-        content = hashlib.sha256("".join(d["sha256"] for d in docs).encode()).hexdigest()
-        manifest = {
-            "format": FORMAT, "seq_len": seq_len, "sample_len": seq_len + 1, "dtype": dtype,
-            "vocab_size": vocab, "eos_id": eos_id, "eos_token": eos_token,
-            "tokenizer": {"trained": tokenizer_path is None, "from": tokenizer_path,
-                          "sha256": hashlib.sha256((tmp / TOKENIZER).read_bytes()).hexdigest()},
-            "source": {**source, "candidate_files": len(sized), "files": len(docs),
-                       "bytes": sum(d["bytes"] for d in docs), "content_sha256": content,
-                       "skipped_empty": empty, "skipped_undecodable": undecodable},
-            "splits": splits, "seed": seed, "val_fraction": val_fraction, "max_bytes": max_bytes,
-            "request": request,
-        }
-        _write_json(tmp / MANIFEST, manifest)  # last: its presence marks the directory complete
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    t1 = time.perf_counter()
-    log.info("prepared %s in %.1fs (read + tokenizer %.1fs, encode + write %.1fs)", out, t1 - t0, t_tok - t0,
-             t1 - t_tok)
+    t_tok = time.perf_counter()
+    stats = _tokenize_units(units, scanned, held, partial.root / TOKENIZER, text_field, eos_id, token_type,
+                            partial.root / "units", workers, progress)
+    log.info("tokenized %d units: %.0f docs/s, %.0f tok/s (%d workers)", len(units), stats["docs_per_s"],
+             stats["tokens_per_s"], workers)
+
+    final = partial.root / "final"
+    shutil.rmtree(final, ignore_errors=True)  # a killed assembly restarts from the units
+    final.mkdir()
+    counts = {}
+    for split in splits:
+        c = {"documents": 0, "tokens": 0, "dropped_documents": 0}
+        rows = _samples(partial.root / "units", len(units), split, seq_len + 1, packing, c)
+        n_samples = _write_split(final / split, rows, token_type, seq_len + 1, compression)
+        if not n_samples:
+            hint = "a larger val_fraction" if split != "train" else "more data"
+            raise DataError(f"{split} split: {c['tokens']} tokens from {c['documents']} documents, fewer than "
+                            f"one sample of seq_len+1={seq_len + 1}{' per document' if packing == 'window' else ''}; "
+                            f"use {hint} or a smaller seq_len")
+        counts[split] = {**c, "samples": n_samples, "dropped_tokens": c["tokens"] - n_samples * (seq_len + 1)}
+    shutil.copyfile(partial.root / TOKENIZER, final / TOKENIZER)
+    _write_json(final / DOCUMENTS, {"held_out": held, "documents": n_docs,
+                                    "files": [{k: f[k] for k in ("path", "format", "documents")} for f in scanned]})
+    content = hashlib.sha256("".join(f["sha256"] for f in scanned).encode()).hexdigest()
+    manifest = {
+        "format": FORMAT, "seq_len": seq_len, "sample_len": seq_len + 1, "dtype": token_type,
+        "vocab_size": vocab, "eos_id": eos_id, "eos_token": eos_token, "packing": packing,
+        "compression": compression,
+        "tokenizer": {"trained": tokenizer_path is None, "from": tokenizer_path,
+                      "sha256": hashlib.sha256((final / TOKENIZER).read_bytes()).hexdigest()},
+        "source": {**source, "candidate_files": len(sized), "files": len(scanned),
+                   "bytes": sum(f["bytes"] for f in scanned), "text_bytes": sum(f["text_bytes"] for f in scanned),
+                   "documents": n_docs, "content_sha256": content, "text_field": text_field,
+                   "skipped_empty": sum(f["empty"] for f in scanned),
+                   "skipped_undecodable": [f["path"] for f in scanned if f["undecodable"]],
+                   "file_list": [{k: f[k] for k in ("path", "format", "bytes", "sha256", "documents")}
+                                 for f in scanned]},
+        "splits": counts, "seed": seed, "seeds": {"select": f"{seed}/select", "split": [seed, 0x5b1],
+                                                  "tokenizer_sample": f"{seed}/tokenizer-sample"},
+        "val_fraction": request["val_fraction"], "test_fraction": request["test_fraction"],
+        "max_bytes": max_bytes, "request": request,
+    }
+    _write_json(final / MANIFEST, manifest)  # last: its presence marks the directory complete
+    _install(final, out)
+    log.info("assembled shards in %.1fs after tokenizing", time.perf_counter() - t_tok)
     return manifest
+
+
+def split_documents(data_path: str | os.PathLike, split: str) -> Iterator[str]:
+    """The documents of one split of a prepared directory, in packing order, re-read from the sources.
+
+    Raises:
+        DataError: a source file is gone or no longer matches its manifest checksum.
+    """
+    manifest = _parse_manifest(data_path)
+    documents = json.loads((Path(data_path) / DOCUMENTS).read_text())
+    held = {s: set(ids) for s, ids in documents["held_out"].items()}
+    text_field = manifest["source"]["text_field"]
+    doc_id = 0
+    for file in manifest["source"]["file_list"]:
+        if _sha256_file(Path(file["path"])) != file["sha256"]:
+            raise DataError(f"{file['path']}: changed since the prep at {data_path} (sha256 differs)")
+        scan = readers.scan_file(Path(file["path"]), file["format"], text_field=text_field,
+                                 chunk_bytes=UNIT_BYTES, strict=False)
+        for chunk in scan.chunks:
+            for text in readers.read_chunk(Path(file["path"]), file["format"], chunk, text_field=text_field):
+                in_split = next((s for s, ids in held.items() if doc_id in ids), "train")
+                if in_split == split:
+                    yield text
+                doc_id += 1
 
 
 # ---------------------------------------------------------------- reading a prepared directory
@@ -400,10 +816,11 @@ def _parse_manifest(data_path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(_REQUIRED)
     if missing:
         raise DataError(f"{path}: corrupt, missing keys {missing}")
-    if manifest["format"] != FORMAT:
+    if manifest["format"] not in READABLE_FORMATS:
         raise DataError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}; re-run fwpkm-prep")
-    if set(manifest["splits"]) != set(SPLITS):
-        raise DataError(f"{path}: corrupt, splits {sorted(manifest['splits'])} != {list(SPLITS)}")
+    if not set(SPLITS) <= set(manifest["splits"]) <= set(ALL_SPLITS):
+        raise DataError(f"{path}: corrupt, splits {sorted(manifest['splits'])} are not {list(SPLITS)} "
+                        "(+ test)")
     return manifest
 
 
@@ -420,10 +837,14 @@ def _check_shards(data_path: Path, split: str, manifest: dict[str, Any]) -> None
     n_samples = sum(s["samples"] for s in shards)
     if n_samples != manifest["splits"][split]["samples"]:
         raise DataError(f"{index_path}: {n_samples} samples, manifest says {manifest['splits'][split]['samples']}")
+    column = f"ndarray:{manifest['dtype']}:{manifest['sample_len']}"
     for shard in shards:
-        file = data_path / split / shard["raw_data"]["basename"]
-        if not file.is_file() or file.stat().st_size != shard["raw_data"]["bytes"]:
-            raise DataError(f"{file}: shard missing or truncated (expected {shard['raw_data']['bytes']} bytes)")
+        if shard.get("column_encodings", [column]) != [column]:
+            raise DataError(f"{index_path}: shards hold {shard['column_encodings']}, the manifest says {column}")
+        stored = shard.get("zip_data") or shard["raw_data"]  # compressed shards keep only the zip file
+        file = data_path / split / stored["basename"]
+        if not file.is_file() or file.stat().st_size != stored["bytes"]:
+            raise DataError(f"{file}: shard missing or truncated (expected {stored['bytes']} bytes)")
 
 
 def read_manifest(data_path: str | os.PathLike, *, check_shards: bool = True) -> dict[str, Any]:
@@ -436,7 +857,7 @@ def read_manifest(data_path: str | os.PathLike, *, check_shards: bool = True) ->
     """
     manifest = _parse_manifest(data_path)
     if check_shards:
-        for split in SPLITS:
+        for split in manifest["splits"]:
             _check_shards(Path(data_path), split, manifest)
     return manifest
 

@@ -1,15 +1,24 @@
-"""An endless, exactly resumable stream of token batches over one split of a prepared directory.
+"""An endless, exactly resumable stream of token batches over one split of a prepared directory, or of
+a weighted mixture of several.
 
 `build_loader(data_cfg, "train", ...)` wraps a `streaming.StreamingDataset` + `StreamingDataLoader` and
 adds what a trainer needs on top: `next_batch()` rolls into the next epoch by itself, and
-`state_dict()`/`load_state_dict()` give an exact resume, epoch boundaries included.
+`state_dict()`/`load_state_dict()` give an exact resume, epoch boundaries included, also at another
+data-parallel size.
 
-Epochs are counted, not detected: each epoch yields exactly `batches_per_epoch = len(dataset) //
-batch_size` batches (the partial last batch is dropped), the same on every rank, so ranks roll over at
-the same step and the resume position is just (epoch, batch_in_epoch). Epoch e's order depends only on
-(seed, e), so a resumed stream hands streaming {epoch e, sample_in_epoch k * batch_size * world_size}
-and continues identically. Loading a saved state into a used stream rewinds it (e.g. the same val
-batches at every evaluation).
+Order independent of the GPU count. streaming shuffles over `num_canonical_nodes` canonical nodes
+(fixed here, DEFAULT_CANONICAL_NODES unless configured, never derived from the node count) and deals
+the epoch's positions out in order: global batch k of the epoch holds positions [k G, (k + 1) G),
+G = batch_size * world_size, split over the ranks (rank r takes every world_size-th position of each
+node's share). So for a fixed G the sequence of global batches, each as a set of samples, is the same
+at DP=1, 2 or 64; and epoch e's order depends only on (seed, e, num_canonical_nodes).
+
+Epochs are counted, not detected: each epoch yields exactly `batches_per_epoch = usable // G` batches
+on every rank, where `usable` counts the epoch's positions before streaming's first padding repeat
+(_usable_samples), so no sample is read twice in an epoch and ranks roll over at the same step. The
+resume position is (epoch, sample_in_epoch = batch_in_epoch * G); a stream of another DP size resumes
+from it if it is a whole number of its own global batches. Loading a saved state into a used stream
+rewinds it (e.g. the same val batches at every evaluation).
 
 Rank layout. streaming reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE from the environment; it cannot be
 told a rank. `rank`/`world_size` here are the *data-parallel* rank and size and are checked against the
@@ -26,10 +35,14 @@ syncs the node's ranks at each epoch start through shared memory).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +50,12 @@ import numpy as np
 import torch
 
 from fwpkm_megatron.config import DataConfig
-from fwpkm_megatron.data.prepare import MANIFEST, SPLITS, TOKENIZER, DataError, read_manifest
+from fwpkm_megatron.data.prepare import ALL_SPLITS, MANIFEST, TOKENIZER, DataError, read_manifest
 from fwpkm_megatron.data.streaming_compat import import_streaming
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: position in samples, fixed canonical nodes (v1 pinned them to the node count)
+DEFAULT_CANONICAL_NODES = 8  # a multiple of every node count up to 8; set a larger multiple for bigger runs
 _swept = False  # the stale-shm sweep runs once per process, before its first StreamingDataset
 
 
@@ -175,39 +189,103 @@ def _fetch_metadata(path: Path, remote: str) -> None:
             raise DataError(f"{remote}/{name}: cannot fetch into {path} ({exc})") from None
 
 
+@dataclass(frozen=True)
+class MixtureSource:
+    """One dataset of a weighted mixture: a prepared directory (mirrored from `remote` if set).
+
+    Weights are relative; each epoch draws weight / sum(weights) of its samples from this source
+    (streaming's `proportion`: sources are up- or down-sampled, the epoch holds as many samples as all
+    sources together).
+    """
+    path: str
+    remote: str | None = None
+    weight: float = 1.0
+
+
+def _check_tokenizer(path: Path, manifest: dict[str, Any]) -> str:
+    """sha256 of path/tokenizer.json, checked against the manifest; DataError naming the file if off."""
+    file = path / TOKENIZER
+    try:
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read ({exc.strerror})") from None
+    expected = manifest.get("tokenizer", {}).get("sha256")
+    if expected is not None and digest != expected:
+        raise DataError(f"{file}: does not match the tokenizer the shards at {path} were made with "
+                        f"(sha256 {digest[:12]}..., manifest {expected[:12]}...); re-run fwpkm-prep")
+    return digest
+
+
+def _usable_samples(epoch_size: int, num_canonical_nodes: int) -> int:
+    """Leading epoch positions that streaming fills without repeats (the rest pads canonical nodes).
+
+    streaming's "orig" partition cuts the epoch into num_canonical_nodes rows of ceil(E / ncn) and fills
+    each short row with its own last sample; read column by column, the first repeat is at
+    (ceil(E / ncn) - 1) * ncn + (first short row). Positions before it are a permutation, whatever
+    the number of nodes or ranks (as long as nodes divide ncn).
+    """
+    ncn = num_canonical_nodes
+    per_node = -(-epoch_size // ncn)
+    rows = np.arange(ncn)
+    short = np.flatnonzero((rows + 1) * epoch_size // ncn - rows * epoch_size // ncn < per_node)
+    return epoch_size if not len(short) else (per_node - 1) * ncn + int(short[0])
+
+
 class TokenStream:
-    """Endless batches [batch_size, seq_len + 1] of int64 token ids from one split.
+    """Endless batches [batch_size, seq_len + 1] of int64 token ids from one split of one dataset or a
+    weighted mixture.
 
     Attributes:
-        vocab_size, eos_id: from the prepared directory's manifest.
-        num_samples: samples in the split; batches_per_epoch: full batches each rank reads per epoch.
+        vocab_size, eos_id: from the prepared directory's manifest (all mixture members agree).
+        num_samples: samples per epoch (of the mixture); batches_per_epoch: full batches each rank reads
+            per epoch, usable // (batch_size * world_size) (module docstring).
+        num_canonical_nodes: streaming's canonical node count; fixes the order (module docstring).
         epoch, batch_in_epoch: position of the next batch (epoch advances after batches_per_epoch).
     """
 
     def __init__(self, data_cfg: DataConfig, split: str, *, batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
-        if split not in SPLITS:
-            raise DataError(f"split={split!r}: must be one of {SPLITS}")
+                 rank: int = 0, world_size: int = 1, mixture: Sequence[MixtureSource] | None = None,
+                 num_canonical_nodes: int | None = None):
+        if split not in ALL_SPLITS:
+            raise DataError(f"split={split!r}: must be one of {ALL_SPLITS}")
         if batch_size < 1 or seq_len < 1 or seed < 0:
             raise DataError(f"batch_size={batch_size}, seq_len={seq_len}, seed={seed}: need batch_size >= 1, "
                             "seq_len >= 1, seed >= 0")
-        path = Path(data_cfg.path)
-        remote = data_cfg.remote.rstrip("/") if data_cfg.remote else None
-        if remote is not None:
-            _fetch_metadata(path, remote)
-        manifest = read_manifest(path, check_shards=remote is None)
-        if seq_len > manifest["seq_len"]:
-            raise DataError(f"seq_len={seq_len} exceeds the prepared seq_len={manifest['seq_len']} of {path}; "
-                            "re-run fwpkm-prep with a larger --seq-len")
+        sources = list(mixture) if mixture else [MixtureSource(data_cfg.path, data_cfg.remote, 1.0)]
+        ncn = num_canonical_nodes or DEFAULT_CANONICAL_NODES
+        if ncn < 1:
+            raise DataError(f"num_canonical_nodes={ncn}: must be >= 1")
+        bad = [f"{s.path}: weight={s.weight}" for s in sources if not s.weight > 0]
+        if bad:
+            raise DataError("mixture weights must be > 0: " + "; ".join(bad))
         self.replication = _data_replication(rank, world_size)
-        self.num_samples = manifest["splits"][split]["samples"]
-        if self.num_samples // world_size < batch_size:
-            raise DataError(f"{path}/{split}: {self.num_samples} samples over world_size={world_size} give fewer "
-                            f"than batch_size={batch_size} per rank")
         self.cfg, self.split, self.seed = data_cfg, split, seed
         self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.vocab_size, self.eos_id = manifest["vocab_size"], manifest["eos_id"]
-        self._local, self._remote = str(path / split), (f"{remote}/{split}" if remote else None)
+        self.num_canonical_nodes = ncn
+        self._streams, identity, tokenizers = [], [], {}
+        for source in sources:
+            path = Path(source.path)
+            remote = source.remote.rstrip("/") if source.remote else None
+            if remote is not None:
+                _fetch_metadata(path, remote)
+            manifest = read_manifest(path, check_shards=remote is None)
+            if split not in manifest["splits"]:
+                raise DataError(f"{path}: has no {split!r} split (has {', '.join(manifest['splits'])}); "
+                                "prepare it with fwpkm-prep --test-fraction")
+            if seq_len > manifest["seq_len"]:
+                raise DataError(f"seq_len={seq_len} exceeds the prepared seq_len={manifest['seq_len']} of {path}; "
+                                "re-run fwpkm-prep with a larger --seq-len")
+            tokenizers[str(path)] = (_check_tokenizer(path, manifest), manifest["vocab_size"], manifest["eos_id"])
+            self._streams.append((str(path / split), f"{remote}/{split}" if remote else None, source.weight,
+                                  manifest["splits"][split]["samples"]))
+            identity.append([manifest["source"].get("content_sha256"), manifest["splits"][split]["samples"],
+                             source.weight / sum(s.weight for s in sources)])
+        if len(set(tokenizers.values())) > 1:
+            raise DataError("mixture members were tokenized differently (tokenizer sha256, vocab_size, eos_id): "
+                            + "; ".join(f"{p}: {t[0][:12]}..., {t[1]}, {t[2]}" for p, t in tokenizers.items()))
+        _, self.vocab_size, self.eos_id = next(iter(tokenizers.values()))
+        self.data_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+        self._local = self._streams[0][0] if len(self._streams) == 1 else f"mixture of {len(self._streams)}"
         self.epoch, self.batch_in_epoch = 0, 0
         self._dataset = self._loader = self._iter = None
         _sweep_once()
@@ -218,25 +296,40 @@ class TokenStream:
         streaming = import_streaming()
         world = streaming.base.world.World.detect()
         data_world = world.replicate(self.replication) if self.replication > 1 else world
-        self.num_canonical_nodes = data_world.num_nodes  # streaming's py1e default, pinned for resume
+        if self.num_canonical_nodes % data_world.num_nodes:
+            raise DataError(f"num_canonical_nodes={self.num_canonical_nodes} is not a multiple of the "
+                            f"{data_world.num_nodes} nodes; set it to a multiple of the largest node count "
+                            "the run will use")
+        if len(self._streams) == 1:
+            local, remote, _, _ = self._streams[0]
+            data: dict[str, Any] = {"local": local, "remote": remote}
+        else:
+            data = {"streams": [streaming.Stream(local=local, remote=remote, proportion=weight)
+                                for local, remote, weight, _ in self._streams]}
         self._dataset = streaming.StreamingDataset(
-            local=self._local, remote=self._remote, shuffle=self.cfg.shuffle, shuffle_seed=self.seed,
-            batch_size=self.batch_size, num_canonical_nodes=self.num_canonical_nodes,
+            **data, shuffle=self.cfg.shuffle, shuffle_seed=self.seed, batch_size=self.batch_size,
+            num_canonical_nodes=self.num_canonical_nodes, partition_algo="orig", shuffle_algo="py1e",
             predownload=8 * self.batch_size,  # streaming's defaults, spelled out (it logs when guessing)
             shuffle_block_size=max(4_000_000 // self.num_canonical_nodes, 1 << 18),
             replication=self.replication if self.replication > 1 else None)
         self._loader = streaming.StreamingDataLoader(
             self._dataset, batch_size=self.batch_size, drop_last=True, num_workers=self.cfg.num_workers,
             collate_fn=functools.partial(_collate_tokens, width=self.seq_len + 1))
-        self.batches_per_epoch = len(self._dataset) // self.batch_size
+        self.num_samples = int(self._dataset.epoch_size)
+        if self.num_samples <= self.num_canonical_nodes:
+            raise DataError(f"{self._local}: {self.num_samples} samples per epoch, not more than "
+                            f"num_canonical_nodes={self.num_canonical_nodes}; use fewer canonical nodes")
+        self.global_batch = self.batch_size * self.world_size
+        self.batches_per_epoch = _usable_samples(self.num_samples, self.num_canonical_nodes) // self.global_batch
         if self.batches_per_epoch < 1:
-            raise DataError(f"{self._local}: {len(self._dataset)} samples per rank < batch_size={self.batch_size}")
+            raise DataError(f"{self._local}: {self.num_samples} samples over world_size={self.world_size} give "
+                            f"fewer than batch_size={self.batch_size} per rank")
 
     def next_batch(self) -> torch.Tensor:
         """The next batch, int64 [batch_size, seq_len + 1]; inputs are [:, :-1], labels [:, 1:]."""
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self._stop_epoch()  # drop the partial tail; the next iter() starts streaming's next epoch
+            self._stop_epoch()  # drop the tail; the next iter() starts streaming's next epoch
         first = self._iter is None
         if first:
             self._iter = iter(self._loader)
@@ -254,41 +347,57 @@ class TokenStream:
     def state_dict(self) -> dict[str, Any]:
         """Position and identity of the stream: plain ints and strings, identical on every rank."""
         return {"version": STATE_VERSION, "split": self.split, "epoch": self.epoch,
+                "sample_in_epoch": self.batch_in_epoch * self.global_batch,
                 "batch_in_epoch": self.batch_in_epoch, "seed": self.seed, "shuffle": self.cfg.shuffle,
                 "batch_size": self.batch_size, "world_size": self.world_size, "num_samples": self.num_samples,
-                "num_canonical_nodes": self.num_canonical_nodes}
+                "num_canonical_nodes": self.num_canonical_nodes, "data_id": self.data_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the stream that produced `state` was.
+        """Continue exactly where the stream that produced `state` was, also at another data-parallel size.
+
+        The position is kept in samples of the epoch; it must be a whole number of this stream's global
+        batches (batch_size * world_size). With the same global batch the remaining batches are those
+        of the saved stream, each the same set of samples (module docstring).
 
         Raises:
-            DataError: the state is malformed or from a stream over other data, seed or batch layout.
+            DataError: the state is malformed, from a stream over other data, split, seed, shuffle or
+                canonical nodes, or at a sample position this batch layout cannot continue from.
         """
         mine = self.state_dict()
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"stream state: version {state.get('version')!r}, this code reads {STATE_VERSION} "
+                            "(a checkpoint from before the layout-independent order; its data position "
+                            "cannot be resumed exactly)")
         missing = [k for k in mine if k not in state]
         if missing:
             raise DataError(f"stream state: missing keys {missing}")
-        fixed = ("version", "split", "seed", "shuffle", "batch_size", "world_size", "num_samples",
-                 "num_canonical_nodes")
+        fixed = ("split", "seed", "shuffle", "num_samples", "num_canonical_nodes", "data_id")
         diff = [f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in fixed if state[k] != mine[k]]
         if diff:
             raise DataError("stream state does not match this stream (an exact resume needs the same data, "
-                            "seed and batch layout): " + "; ".join(diff))
-        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
-            raise DataError(f"stream state: epoch={epoch}, batch_in_epoch={batch} outside "
-                            f"[0, batches_per_epoch={self.batches_per_epoch}]")
+                            "seed and canonical nodes): " + "; ".join(diff))
+        epoch, sample = int(state["epoch"]), int(state["sample_in_epoch"])
+        usable = self.batches_per_epoch * self.global_batch
+        saved_usable = (_usable_samples(self.num_samples, self.num_canonical_nodes)
+                        // (state["batch_size"] * state["world_size"]) * state["batch_size"] * state["world_size"])
+        if sample == saved_usable:  # saved right after an epoch's last batch
+            epoch, sample = epoch + 1, 0
+        if epoch < 0 or not 0 <= sample <= usable or sample % self.global_batch:
+            raise DataError(f"stream state: epoch={epoch}, sample_in_epoch={sample} is not a whole number of "
+                            f"global batches of {self.batch_size} x {self.world_size} within this epoch's {usable} "
+                            "samples")
+        batch = sample // self.global_batch
         self._stop_epoch()
-        if batch == self.batches_per_epoch:  # saved right after an epoch's last batch
+        if batch == self.batches_per_epoch:
             epoch, batch = epoch + 1, 0
         self.epoch, self.batch_in_epoch = epoch, batch
         # Written on every rank before its next batch; streaming's first-batch barrier orders these
         # writes before the local leader advances next_epoch, so ranks cannot undo each other.
         self._dataset.next_epoch = epoch  # else a used stream treats an older epoch's state as stale
         self._dataset.load_state_dict({
-            "epoch": epoch, "sample_in_epoch": batch * self.batch_size * self.world_size,
+            "epoch": epoch, "sample_in_epoch": batch * self.global_batch,
             "num_canonical_nodes": self.num_canonical_nodes, "shuffle_seed": self.seed,
-            "initial_physical_nodes": self.num_canonical_nodes})
+            "initial_physical_nodes": None})
 
     def __enter__(self) -> TokenStream:
         return self
@@ -312,23 +421,40 @@ class TokenStream:
 
 
 def build_loader(data_cfg: DataConfig, split: str, *, batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1) -> TokenStream:
-    """A TokenStream over `data_cfg.path/split` (mirrored from `data_cfg.remote/split` if set).
+                 rank: int = 0, world_size: int = 1, mixture: Sequence[MixtureSource] | None = None,
+                 num_canonical_nodes: int | None = None) -> TokenStream:
+    """A TokenStream over `data_cfg.path/split` (mirrored from `data_cfg.remote/split` if set), or over
+    a weighted mixture of prepared directories.
 
     Args:
         data_cfg: path of a prepared directory (fwpkm-prep); optional remote root (s3://, gs://, ...).
             With a remote, construction fetches only what is missing locally of manifest.json,
             tokenizer.json and the split's index.json; shards come on first use. A fully mirrored
-            path never contacts the remote.
-        split: "train" or "val".
+            path never contacts the remote. `shuffle` and `num_workers` apply to mixtures too.
+        split: "train", "val" or "test" (if prepared).
         batch_size: samples per rank per batch.
         seq_len: <= the prepared seq_len; samples are cropped to seq_len + 1 tokens.
-        seed: shuffle seed (>= 0); epoch e's order depends on (seed, e) only.
+        seed: shuffle seed (>= 0); epoch e's order depends on (seed, e, num_canonical_nodes) only.
         rank, world_size: data-parallel rank and size, checked against RANK/WORLD_SIZE (module docstring).
+        mixture: datasets with weights to mix instead of data_cfg.path/remote; they must share a
+            tokenizer. Default: `data_cfg.mixture` if the config has that field.
+        num_canonical_nodes: fixes the sample order for every GPU count; must be a multiple of the node
+            count. Default: `data_cfg.num_canonical_nodes` if set, else DEFAULT_CANONICAL_NODES.
 
     Raises:
-        DataError: missing or broken prepared directory, seq_len above the prepared one, a split too
-            small for one batch per rank, or a rank layout streaming cannot express.
+        DataError: missing or broken prepared directory, tokenizer/shards mismatch, mixture members with
+            different tokenizers, seq_len above the prepared one, a split too small for one batch per
+            rank, or a rank layout streaming cannot express.
     """
+    if mixture is None:
+        mixture = [MixtureSource(**m) if isinstance(m, dict) else m for m in _config_option(data_cfg, "mixture")]
+    if num_canonical_nodes is None:
+        num_canonical_nodes = _config_option(data_cfg, "num_canonical_nodes")
     return TokenStream(data_cfg, split, batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank,
-                       world_size=world_size)
+                       world_size=world_size, mixture=mixture or None, num_canonical_nodes=num_canonical_nodes)
+
+
+def _config_option(data_cfg: DataConfig, name: str) -> Any:
+    """A DataConfig field proposed with the mixture work (docs/data.md); absent fields read as unset."""
+    value = getattr(data_cfg, name, None)
+    return value if value is not None else ([] if name == "mixture" else None)
