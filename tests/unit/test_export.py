@@ -1,0 +1,229 @@
+"""Export of a trained tiny run to a Hugging Face directory, loaded with plain transformers (CPU, one process).
+
+What this proves:
+- the exported model's logits equal the in-training megatron model's within 1e-5 (fp32), on a sequence
+  spanning several chunks and a partial one, over consecutive calls (persistent: the fast-weight state
+  evolves identically and equals megatron's buffers after every call) and under per_sequence;
+- feeding tokens one at a time through the cache (and `generate`) gives the same logits and memory state
+  as one chunked call, with the training cadence and with the lookahead carried across chunks (method 3.9);
+- the shipped `fwpkm_reference.py` is byte-identical to `ops/reference.py`;
+- a corrupt or truncated file is reported by name before anything loads;
+- megatron -> export -> megatron names round-trip exactly (the basis of resharding).
+
+Single-process checkpoints only: TP/PP layouts arrive with the parallel-training issue.
+The trained run and its export are built once per module (`exported`); new checks on them go here.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import shutil
+
+import pytest
+import torch
+
+TRAIN = ("train.steps=3", "model.attention=swa", "model.window=12", "model.num_query_groups=2",
+         "train.eval_batches=1")
+SEQ = 29  # 3 full chunks of 8 and a partial one of 5
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    """(run, checkpoint step dir, export dir) of a 3-step tiny run (FwPKM at layer 0, PKM at layer 1)."""
+    from fwpkm_megatron.export import export_checkpoint
+    from fwpkm_megatron.training import Trainer
+
+    root = tmp_path_factory.mktemp("export")
+    run = tiny_run(root / "run", *TRAIN)
+    trainer = Trainer(run, console=io.StringIO())
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    out = export_checkpoint(root / "run", root / "hf")
+    return run, trainer.last_checkpoint, out
+
+
+def _megatron(run, step_dir, policy="persistent"):
+    """The in-training model, rebuilt from the checkpoint, in eval mode."""
+    import dataclasses
+
+    from fwpkm_megatron.model import build_model
+    from fwpkm_megatron.parallel.groups import init_single_process
+
+    run = dataclasses.replace(run, fwpkm=dataclasses.replace(run.fwpkm, policy=policy))
+    init_single_process(run.train.seed)
+    state = torch.load(step_dir / "model.pt", weights_only=True)
+    model = build_model(run, state["embedding.word_embeddings.weight"].shape[0])
+    model.load_state_dict(state)
+    model.eval()
+    model.window_control.begin_step(0, run.train.seed, training=False)
+    return model
+
+
+def _hf(path, **overrides):
+    from fwpkm_megatron.export import load_model
+
+    model, tok = load_model(path, **overrides)
+    return model
+
+
+def _tokens(b, s, vocab, seed):
+    return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _megatron_logits(model, ids):
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        return model(ids, pos, attention_mask=None).float()
+
+
+def _close(ref, got, what):
+    diff = (ref - got).abs().max().item()
+    assert diff < 1e-5, f"{what}: max |diff| {diff:.3g}"
+
+
+def test_exported_logits_match_megatron_over_several_writes(exported):
+    from fwpkm_megatron.memory import fwpkm_blocks
+
+    run, step_dir, out = exported
+    mega = _megatron(run, step_dir)
+    hf = _hf(out, fwpkm_policy="persistent")
+    block = fwpkm_blocks(mega)[0]
+    start = block.state.values.clone()
+    for call in range(3):  # persistent: every call starts from the state the previous one left
+        ids = _tokens(2, SEQ, hf.config.vocab_size, seed=call)
+        ref = _megatron_logits(mega, ids)
+        with torch.no_grad():
+            got = hf(ids).logits
+        _close(ref, got, f"logits, call {call}")
+        _close(block.state.keys, hf.fast_weights.layer_0.keys, f"fast keys after call {call}")
+        _close(block.state.values, hf.fast_weights.layer_0.values, f"fast values after call {call}")
+    assert (block.state.values - start).abs().max() > 1e-3, "the memory was never written"
+
+
+def test_exported_logits_match_megatron_per_sequence(exported):
+    run, step_dir, out = exported
+    mega = _megatron(run, step_dir, policy="per_sequence")
+    hf = _hf(out)  # per_sequence is the export's default policy
+    before = hf.snapshot_fast_weights()
+    ids = _tokens(3, SEQ, hf.config.vocab_size, seed=7)
+    with torch.no_grad():
+        got = hf(ids).logits
+        single = hf(ids[1:2]).logits  # a row alone equals the same row in a batch
+    _close(_megatron_logits(mega, ids), got, "per_sequence logits")
+    _close(got[1:2], single, "row 1 alone vs in the batch")
+    assert all(torch.equal(before[k], v) for k, v in hf.snapshot_fast_weights().items()), \
+        "per_sequence changed the stored fast weights"
+
+
+@pytest.mark.parametrize("carry", [False, True], ids=["training-cadence", "carry-lookahead"])
+def test_token_by_token_matches_one_chunked_call(exported, carry):
+    run, _, out = exported
+    hf = _hf(out, fwpkm_carry_lookahead=carry)
+    ids = _tokens(1, SEQ, hf.config.vocab_size, seed=3)
+    with torch.no_grad():
+        whole = hf(ids, use_cache=True)
+        cache, steps = None, []
+        for t in range(SEQ):
+            o = hf(ids[:, t:t + 1], cache=cache, use_cache=True)
+            cache = o.cache
+            steps.append(o.logits)
+    _close(whole.logits, torch.cat(steps, 1), "logits token by token")
+    for mem in (whole.cache.memory, cache.memory):
+        assert mem.pending(0) == (SEQ % 8 if not carry else (SEQ - 1) % 8 + 1)
+    a, b = whole.cache.memory.state(0), cache.memory.state(0)
+    _close(a[0], b[0], "keys")
+    _close(a[1], b[1], "values")
+    # a flush writes the queued partial chunk identically on both sides
+    with torch.no_grad():
+        for c in (whole.cache, cache):
+            hf.flush_memory(c.memory)
+    _close(whole.cache.memory.state(0)[1], cache.memory.state(0)[1], "values after flush")
+
+
+def test_generate_continues_the_chunked_memory(exported):
+    run, _, out = exported
+    hf = _hf(out)
+    ids = _tokens(1, 14, hf.config.vocab_size, seed=5)
+    with torch.no_grad():
+        gen = hf.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+        cache, seq = None, ids
+        for _ in range(6):  # manual greedy decoding through the cache
+            o = hf(seq if cache is None else seq[:, -1:], cache=cache, use_cache=True)
+            cache = o.cache
+            seq = torch.cat([seq, o.logits[:, -1].argmax(-1, keepdim=True)], 1)
+        full = hf(seq, use_cache=True)  # one chunked call over the same tokens
+    assert torch.equal(gen, seq)
+    _close(full.cache.memory.state(0)[1], cache.memory.state(0)[1], "memory after generate vs one call")
+
+
+def test_reference_math_is_shipped_byte_identical(exported):
+    from fwpkm_megatron.export.writer import REFERENCE_NAME, REFERENCE_SOURCE
+
+    _, _, out = exported
+    assert (out / REFERENCE_NAME).read_bytes() == REFERENCE_SOURCE.read_bytes()
+    for name in ("modeling_fwpkm.py", "configuration_fwpkm.py", "fwpkm_integrity.py", REFERENCE_NAME):
+        tree = ast.parse((out / name).read_text())
+        imported = {n.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for n in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 0}
+        assert imported <= {"__future__", "copy", "hashlib", "json", "math", "os", "typing", "torch", "transformers"}, \
+            f"{name} imports {sorted(imported)}"
+
+
+def test_export_names_fast_and_slow_weights_apart(exported):
+    from safetensors import safe_open
+
+    _, _, out = exported
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        meta = f.metadata()
+    assert {"fast_weights.layer_0.keys", "fast_weights.layer_0.values"} <= names
+    assert all(n.startswith(("model.", "fast_weights.", "lm_head.")) for n in names)
+    assert "fwpkm_fast_weights" in meta
+    readme = (out / "README.md").read_text()
+    assert "tokens seen" in readme and "data manifest sha256" in readme
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_safetensors_is_detected_before_loading(exported, tmp_path, damage):
+    from fwpkm_megatron.export import ExportIntegrityError
+
+    _, _, out = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    path = bad / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[:-100]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ExportIntegrityError, match="model.safetensors"):
+        _hf(bad)
+    from transformers import AutoModelForCausalLM  # the plain transformers entry point checks too
+
+    with pytest.raises(RuntimeError, match="model.safetensors") as err:  # the class of the exported copy
+        AutoModelForCausalLM.from_pretrained(str(bad), trust_remote_code=True)
+    assert type(err.value).__name__ == "ExportIntegrityError"
+
+
+def test_megatron_names_round_trip_through_the_export(exported):
+    from fwpkm_megatron.export import load_megatron_state
+
+    run, step_dir, out = exported
+    ref = {k: v for k, v in torch.load(step_dir / "model.pt", weights_only=True).items()
+           if not k.endswith("_extra_state")}
+    got = load_megatron_state(out)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_parallel_layouts_are_refused_clearly(exported, tmp_path):
+    from fwpkm_megatron.export import ExportError, export_checkpoint
+
+    run, step_dir, _ = exported
+    with pytest.raises(ExportError, match="parallel"):
+        export_checkpoint(step_dir, tmp_path / "x", tp=2)
