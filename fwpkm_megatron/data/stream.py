@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ from fwpkm_megatron.data.streaming_compat import import_streaming
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2: position in samples, fixed canonical nodes (v1 pinned them to the node count)
+_PREFIX_RETRIES = 5
 DEFAULT_CANONICAL_NODES = 8  # a multiple of every node count up to 8; set a larger multiple for bigger runs
 _swept = False  # the stale-shm sweep runs once per process, before its first StreamingDataset
 
@@ -306,12 +308,23 @@ class TokenStream:
         else:
             data = {"streams": [streaming.Stream(local=local, remote=remote, proportion=weight)
                                 for local, remote, weight, _ in self._streams]}
-        self._dataset = streaming.StreamingDataset(
+        kwargs = dict(
             **data, shuffle=self.cfg.shuffle, shuffle_seed=self.seed, batch_size=self.batch_size,
             num_canonical_nodes=self.num_canonical_nodes, partition_algo="orig", shuffle_algo="py1e",
             predownload=8 * self.batch_size,  # streaming's defaults, spelled out (it logs when guessing)
             shuffle_block_size=max(4_000_000 // self.num_canonical_nodes, 1 << 18),
             replication=self.replication if self.replication > 1 else None)
+        for attempt in range(_PREFIX_RETRIES):
+            try:
+                self._dataset = streaming.StreamingDataset(**kwargs)
+                break
+            except FileExistsError:
+                # Another job on this machine registered the same shm prefix between streaming's
+                # scan and its create (the choice is not atomic). Only a lone process may retry:
+                # ranks of one job must pick their prefix together.
+                if world.num_ranks > 1 or attempt == _PREFIX_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         self._loader = streaming.StreamingDataLoader(
             self._dataset, batch_size=self.batch_size, drop_last=True, num_workers=self.cfg.num_workers,
             collate_fn=functools.partial(_collate_tokens, width=self.seq_len + 1))
