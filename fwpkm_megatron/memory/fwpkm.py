@@ -6,11 +6,14 @@ by the outer optimizer through the in-forward writes; the fast weights live in a
 """
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 from torch import nn
 
 from .. import ops
 from ..config import FwPKMConfig
+from ..parallel.recompute import in_first_checkpointed_pass, in_recompute
 from ..parallel.sharding import copy_to, feature_sum, group_size, row_parallel_linear
 from .state import FastWeightState
 
@@ -93,6 +96,8 @@ class FwPKMBlock(nn.Module):
         self.last_reads: torch.Tensor | None = None   # [b, s, H, k] slots read by the last forward
         self.last_gate: torch.Tensor | None = None    # [b, s] gates of the last forward
         self.tp_group = None  # set by parallel.sharding: v, the table and out_norm hold a d_v column slice
+        # full recompute: (keys, rows read, their values) of each first pass, popped by its recompute
+        self._recompute_stash: deque = deque()
 
     def project(self, x: torch.Tensor):
         """Slow-weight inputs of the memory (method 3.1), in fp32: q [b,s,H,d_k], v [b,s,d_v], g [b,s] or None."""
@@ -114,12 +119,19 @@ class FwPKMBlock(nn.Module):
         scan_in = (q, v, loss_weight)
         if not self.training:  # eval: first-order writes, no graph through them
             scan_in = tuple(t.detach() for t in scan_in)
+        keys, values, recompute = self.state.keys, self.state.values, False
+        if self.training and in_recompute():  # read what the first pass read; write nothing (never twice)
+            keys, rows, old = self._recompute_stash.popleft()
+            values, recompute = values.index_copy(0, rows, old), True  # O(N) transient, O(rows) kept
         res = ops.fwpkm_scan_rows(
-            *scan_in, self.state.keys, self.state.values, backend=cfg.backend, top_k=cfg.topk,
+            *scan_in, keys, values, backend=cfg.backend, top_k=cfg.topk,
             chunk_size=cfg.chunk_size, lookahead=cfg.lookahead, eps=cfg.eps, addr_loss_weight=cfg.addr_loss_weight,
             value_lr=cfg.value_lr, key_lr=cfg.key_lr, score=cfg.score, addr_loss=cfg.addr_loss,
             per_sequence=per_sequence, detach_writes=cfg.detach_writes)
-        if not per_sequence:  # persistent: the state after the last chunk carries to the next forward
+        if self.training and in_first_checkpointed_pass():
+            rows = torch.unique(res.idx)  # every row the scan read; its written rows are among them
+            self._recompute_stash.append((keys, rows, values[rows].clone()))
+        if not per_sequence and not recompute:  # persistent: the state after the last chunk carries on
             self.state.commit(res.keys, res.rows, res.row_values)
         mixed = res.v_hat if g is None else g[..., None] * res.v_hat + (1 - g[..., None]) * v     # Eq. 12
         out = row_parallel_linear(self.out_proj, self.out_norm(mixed.to(hidden_states.dtype)), self.tp_group)
