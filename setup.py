@@ -32,7 +32,7 @@ setup(
             "fwpkm-train=fwpkm_megatron.cli.train:main",
             "fwpkm-eval=fwpkm_megatron.cli.stubs:eval_main",
             "fwpkm-export=fwpkm_megatron.cli.stubs:export_main",
-            "fwpkm-launch=fwpkm_megatron.cli.stubs:launch_main",
+            "fwpkm-launch=fwpkm_megatron.cli.launch:main",
         ]
     },
 )

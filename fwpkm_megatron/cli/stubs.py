@@ -17,6 +17,3 @@ def eval_main(argv: list[str] | None = None) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     return _not_yet("fwpkm-export", "export to transformers arrives with the evaluation work")
 
-
-def launch_main(argv: list[str] | None = None) -> int:
-    return _not_yet("fwpkm-launch", "multi-process and SLURM launch arrive with the distributed-training work")
