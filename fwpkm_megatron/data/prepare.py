@@ -98,7 +98,9 @@ def _match_inputs(inputs: list[str], fmt: str) -> list[tuple[Path, str]]:
     for pattern in inputs:
         path = Path(pattern).expanduser()
         if path.is_dir():
-            found[path.resolve()] = readers.detect_format(path) if fmt in ("auto", "hf") else _dir_error(path)
+            if fmt not in ("auto", "hf"):
+                raise DataError(f"input {pattern}: is a directory; pass a glob such as '{pattern}/**/*.txt'")
+            found[path.resolve()] = readers.detect_format(path)
             continue
         matches = [Path(m) for m in glob.glob(str(path), recursive=True)]
         files = [m.resolve() for m in matches if m.is_file() or (m.is_dir() and (m / readers.HF_STATE).is_file())]
@@ -110,10 +112,6 @@ def _match_inputs(inputs: list[str], fmt: str) -> list[tuple[Path, str]]:
         if kind == "hf" and not (path / readers.HF_STATE).is_file():
             raise DataError(f"{path}: format hf needs a datasets save_to_disk directory (with {readers.HF_STATE})")
     return sorted(found.items())
-
-
-def _dir_error(path: Path) -> str:
-    raise DataError(f"input {path}: is a directory; pass a glob such as '{path}/**/*.txt'")
 
 
 def _size(path: Path) -> int:

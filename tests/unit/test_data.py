@@ -382,6 +382,15 @@ def test_overwrite_refusal_matches_request(tmp_path):
     assert read_manifest(tmp_path / "data") == second != first
 
 
+def test_older_format_prep_is_replaced_with_a_warning(tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, n_docs=8)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps({"format": "fwpkm-megatron/packed-tokens-v1"}))
+    manifest = prep_tiny(tmp_path / "data", corpus)
+    assert "older format" in caplog.text and read_manifest(tmp_path / "data") == manifest
+
+
 def test_cli_reuses_matching_prep(tmp_path, capsys):
     from fwpkm_megatron.cli.prep import main
     corpus = tmp_path / "corpus"
