@@ -25,13 +25,18 @@ setup(
         "tqdm>=4.66",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    # transformers 5 (export / lm-eval) is installed in a second step: mosaicml-streaming 0.13 declares
+    # transformers<5 but runs with 5.x; see the Makefile and docs/evaluation.md.
+    extras_require={
+        "test": ["pytest>=8"],
+        "eval": ["lm-eval[hf]>=0.4.13", "matplotlib>=3.8"],
+    },
     entry_points={
         "console_scripts": [
             "fwpkm-prep=fwpkm_megatron.cli.prep:main",
             "fwpkm-train=fwpkm_megatron.cli.train:main",
-            "fwpkm-eval=fwpkm_megatron.cli.stubs:eval_main",
-            "fwpkm-export=fwpkm_megatron.cli.stubs:export_main",
+            "fwpkm-eval=fwpkm_megatron.cli.eval:main",
+            "fwpkm-export=fwpkm_megatron.cli.export:main",
             "fwpkm-launch=fwpkm_megatron.cli.launch:main",
         ]
     },
