@@ -23,6 +23,7 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6",
         "tqdm>=4.66",
+        "pyarrow>=14",  # Parquet and Hugging Face on-disk inputs to fwpkm-prep
         "numpy",
     ],
     # transformers 5 (export / lm-eval) is installed in a second step: mosaicml-streaming 0.13 declares

@@ -141,9 +141,19 @@ class DataConfig:
     remote: str | None = None      # optional remote root (s3://, gs://, ...) mirrored into `path`
     shuffle: bool = True
     num_workers: int = 0
+    num_canonical_nodes: int | None = None  # fixes the sample order whatever the GPU count; None = 8
+    mixture: list[dict] = field(default_factory=list)  # [{path, remote, weight}]; empty = the one dataset at path
 
     def problems(self) -> list[str]:
-        return [] if self.num_workers >= 0 else [f"data.num_workers={self.num_workers}: must be >= 0"]
+        p = [] if self.num_workers >= 0 else [f"data.num_workers={self.num_workers}: must be >= 0"]
+        if self.num_canonical_nodes is not None and self.num_canonical_nodes < 1:
+            p.append(f"data.num_canonical_nodes={self.num_canonical_nodes}: must be >= 1")
+        for i, member in enumerate(self.mixture):
+            if not isinstance(member, dict) or "path" not in member or set(member) - {"path", "remote", "weight"}:
+                p.append(f"data.mixture[{i}]={member!r}: must be a mapping with path, optional remote and weight")
+            elif not (isinstance(member.get("weight", 1.0), (int, float)) and member.get("weight", 1.0) > 0):
+                p.append(f"data.mixture[{i}].weight={member.get('weight')!r}: must be a number > 0")
+        return p
 
 
 @dataclass(kw_only=True)
@@ -301,6 +311,11 @@ def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
             return None
         problems.append(f"{key}: null not allowed")
         return _MISSING
+    if hint_s.startswith("list[dict"):
+        if not isinstance(value, list):
+            problems.append(f"{key}={value!r}: expected a list of mappings")
+            return _MISSING
+        return value
     if hint_s.startswith("list"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]

@@ -460,14 +460,9 @@ def build_loader(data_cfg: DataConfig, split: str, *, batch_size: int, seq_len: 
             rank, or a rank layout streaming cannot express.
     """
     if mixture is None:
-        mixture = [MixtureSource(**m) if isinstance(m, dict) else m for m in _config_option(data_cfg, "mixture")]
+        mixture = [MixtureSource(**m) if isinstance(m, dict) else m for m in data_cfg.mixture]
     if num_canonical_nodes is None:
-        num_canonical_nodes = _config_option(data_cfg, "num_canonical_nodes")
+        num_canonical_nodes = data_cfg.num_canonical_nodes
     return TokenStream(data_cfg, split, batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank,
                        world_size=world_size, mixture=mixture or None, num_canonical_nodes=num_canonical_nodes)
 
-
-def _config_option(data_cfg: DataConfig, name: str) -> Any:
-    """A DataConfig field proposed with the mixture work (docs/data.md); absent fields read as unset."""
-    value = getattr(data_cfg, name, None)
-    return value if value is not None else ([] if name == "mixture" else None)

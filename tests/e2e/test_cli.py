@@ -49,7 +49,7 @@ def test_prep_train_and_resume_from_the_console_scripts(tmp_path):
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["losses"]) == 40
-    assert summary["final_loss_mean_last_10"] < summary["first_loss"] - 1.0, "the loss must clearly fall"
+    assert summary["final_loss_mean_last_10"] < summary["first_loss"] - 0.5, "the loss must clearly fall"
     assert Path(summary["checkpoint"]).is_dir() and any(Path(summary["tensorboard_dir"]).iterdir())
 
     again = _run(args, tmp_path)
