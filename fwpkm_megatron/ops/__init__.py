@@ -8,36 +8,75 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from . import reference
-from .reference import Address, ScanResult, addressing_loss, pkm_address, pkm_read
+from .reference import Address, ScanResult, addressing_loss
 
 BACKENDS = ("auto", "reference", "triton")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _interpreter_on() -> bool:
+    """TRITON_INTERPRET is set: Triton kernels run on CPU tensors (slowly; tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
 
 
 def resolve_backend(backend: str, device) -> str:
-    """The backend that will actually run for tensors on `device`."""
+    """The backend that will actually run for tensors on `device`.
+
+    `auto` is Triton on CUDA tensors and the reference elsewhere. `triton` on CPU tensors needs the
+    Triton interpreter (TRITON_INTERPRET=1, set before triton is first imported).
+    """
     forced = os.environ.get("FWPKM_BACKEND")
     choice = forced or backend
+    source = "FWPKM_BACKEND" if forced else "config"
     if choice not in BACKENDS:
-        raise ValueError(f"memory-op backend {choice!r} (from {'FWPKM_BACKEND' if forced else 'config'}): "
-                         f"must be one of {BACKENDS}")
+        raise ValueError(f"memory-op backend {choice!r} (from {source}): must be one of {BACKENDS}")
+    device_type = torch.device(device).type
     if choice == "auto":
-        # Triton kernels land with the kernels issue; until then every device runs the reference.
-        return "reference"
-    if choice == "triton":
-        raise NotImplementedError("memory-op backend 'triton' is not built yet; use 'reference' or 'auto'")
+        return "triton" if device_type == "cuda" else "reference"
+    if choice == "triton" and device_type != "cuda" and not _interpreter_on():
+        raise NotImplementedError(
+            f"memory-op backend 'triton' (from {source}) runs on CUDA tensors, or on CPU only under "
+            f"TRITON_INTERPRET=1 set before triton is imported; got {device_type} tensors. "
+            f"Use backend 'reference' or 'auto' here")
     return choice
+
+
+def _kernels():
+    """The Triton ops, imported on first use (the import decides compiled vs interpreted kernels)."""
+    from . import triton as kernels
+
+    return kernels
+
+
+def pkm_address(q, keys, *, topk: int, score: str = "idw", eps: float = 1e-3, joint_softmax: bool = True,
+                backend: str = "auto") -> Address:
+    """Product-key top-k lookup (see `reference.pkm_address`). The Triton version leaves sub_scores None."""
+    if resolve_backend(backend, q.device) == "triton":
+        return _kernels().pkm_address(q, keys, topk=topk, score=score, eps=eps, joint_softmax=joint_softmax)
+    return reference.pkm_address(q, keys, topk=topk, score=score, eps=eps, joint_softmax=joint_softmax)
+
+
+def pkm_read(values, idx, weight, *, backend: str = "auto"):
+    """Weighted sum of the addressed rows (see `reference.pkm_read`)."""
+    if resolve_backend(backend, values.device) == "triton":
+        return _kernels().pkm_read(values, idx, weight)
+    return reference.pkm_read(values, idx, weight)
 
 
 def fwpkm_scan_rows(q, v, g, keys, values, *, backend: str = "auto", **kw) -> ScanResult:
     """Chunked FwPKM scan returning written rows (see `reference.fwpkm_scan_rows`)."""
-    resolve_backend(backend, q.device)
+    if resolve_backend(backend, q.device) == "triton":
+        return _kernels().fwpkm_scan_rows(q, v, g, keys, values, **kw)
     return reference.fwpkm_scan_rows(q, v, g, keys, values, **kw)
 
 
 def fwpkm_scan(q, v, g, keys, values, *, backend: str = "auto", **kw):
     """Chunked FwPKM scan returning (v_hat, keys, values) (see `reference.fwpkm_scan`)."""
-    resolve_backend(backend, q.device)
+    if resolve_backend(backend, q.device) == "triton":
+        return _kernels().fwpkm_scan(q, v, g, keys, values, **kw)
     return reference.fwpkm_scan(q, v, g, keys, values, **kw)
 
 
