@@ -37,6 +37,13 @@ class ZeroCenteredRMSNorm(nn.Module):
             mean_square = feature_sum(x32.square(), self.tp_group) / (x32.shape[-1] * group_size(self.tp_group))
         return (x32 * torch.rsqrt(mean_square + self.eps) * (1 + self.weight.float())).to(x.dtype)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """dist_checkpointing view: the weight is split over TP (axis 0) when the normalized dim is."""
+        from ..parallel.dist_checkpoint import sharded_tensors
+
+        return sharded_tensors({"weight": self.weight}, prefix, sharded_offsets, metadata,
+                               tp_axes={"weight": 0} if self.tp_group is not None else {}, tp_group=self.tp_group)
+
 
 def zscore(v: torch.Tensor, group=None) -> torch.Tensor:
     """Standardize along the feature dim (App. A.3), used both as target and in the residual mix.
@@ -138,6 +145,21 @@ class FwPKMBlock(nn.Module):
         self.last_reads = res.idx.detach()
         self.last_gate = None if g is None else g.detach()
         return out.transpose(0, 1)                                           # [s, b, h]
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """dist_checkpointing view (parallel/dist_checkpoint.py): v_proj column-parallel (axis 0),
+        out_proj row-parallel (weight axis 1, bias replicated), q/gate projections replicated;
+        the norms and the fast-weight state declare their own."""
+        from ..parallel.dist_checkpoint import child_tensors, sharded_tensors
+
+        out = sharded_tensors(child_tensors(self, ["q_proj", "v_proj", "gate_proj", "out_proj"]), prefix,
+                              sharded_offsets, metadata, tp_group=self.tp_group,
+                              tp_axes={"v_proj.weight": 0, "v_proj.bias": 0, "out_proj.weight": 1})
+        for name in ("q_norm", "v_norm", "gate_norm", "out_norm", "state"):
+            child = getattr(self, name, None)
+            if child is not None:
+                out.update(child.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+        return out
 
     def statistics(self) -> dict[str, float]:
         """Read statistics and mean gate of the last forward (empty before the first)."""

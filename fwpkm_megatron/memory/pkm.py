@@ -50,3 +50,14 @@ class PKMMLP(nn.Module):
         out = row_parallel_linear(self.value_proj, read * F.silu(self.swilu_proj(copy_to(x, tp))), tp)
         self.last_reads = addr.idx.detach()
         return out.view(s, b, h), None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """dist_checkpointing view (parallel/dist_checkpoint.py): values and swilu_proj split along d_v,
+        value_proj row-parallel (weight axis 1, bias replicated); query, its norm and sub-keys replicated."""
+        from ..parallel.dist_checkpoint import child_tensors, sharded_tensors
+
+        tensors = {"sub_keys": self.sub_keys, "values": self.values,
+                   **child_tensors(self, ["query", "query_norm", "swilu_proj", "value_proj"])}
+        return sharded_tensors(tensors, prefix, sharded_offsets, metadata, tp_group=self.tp_group,
+                               tp_axes={"values": 1, "swilu_proj.weight": 0, "swilu_proj.bias": 0,
+                                        "value_proj.weight": 1})

@@ -20,6 +20,8 @@ class FastWeightState(nn.Module):
         self.num_sub_keys = math.isqrt(num_slots)
         self.init_seed = init_seed  # reset() regenerates exactly the construction-time state
         self.columns: slice | None = None  # this TP rank's d_v slice of the table (None: the whole table)
+        self.tp_group = None  # the TP group the columns are split over (set with `columns`)
+        self.replica: tuple[int, int] | None = None  # (dp_rank, dp) when each DP replica keeps its own memory
         self.register_buffer("keys", torch.empty(heads, 2, self.num_sub_keys, d_k // 2, dtype=torch.float32))
         self.register_buffer("values", torch.empty(num_slots, d_v, dtype=torch.float32))
         self.reset()
@@ -56,6 +58,14 @@ class FastWeightState(nn.Module):
         self.keys = keys.detach().to(torch.float32).clone()
         if rows.numel():
             self.values.index_copy_(0, rows, row_values.detach().to(torch.float32))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """dist_checkpointing view: keys TP-replicated, values column-sharded along d_v (TP axis 1);
+        with `replica` set (persistent_local) a leading DP axis keeps every replica's memory."""
+        from ..parallel.dist_checkpoint import sharded_tensors
+
+        return sharded_tensors({"keys": self.keys, "values": self.values}, prefix, sharded_offsets, metadata,
+                               tp_axes={"values": 1}, tp_group=self.tp_group, replica=self.replica)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys.detach().clone(), "values": self.values.detach().clone()}

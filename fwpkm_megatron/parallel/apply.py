@@ -15,9 +15,18 @@ from fwpkm_megatron.parallel.sharding import apply_memory_sharding
 
 
 def parallelize(chunks: list[nn.Module], groups: ParallelGroups, run) -> None:
-    """Apply every parallel transformation our code owns to this rank's model chunks (in place)."""
+    """Apply every parallel transformation our code owns to this rank's model chunks (in place).
+
+    Under `persistent_local` with DP > 1 each fast-weight state is marked as its replica's own
+    (`replica = (dp_rank, dp)`), so checkpoints keep one memory per DP rank (parallel/dist_checkpoint.py).
+    """
+    from fwpkm_megatron.memory import fast_weight_states
+
     for chunk in chunks:
         apply_memory_sharding(chunk, groups.tp_group, groups.tp_rank, groups.tp)
+        if run.fwpkm.policy == "persistent_local" and groups.dp > 1:
+            for state in fast_weight_states(chunk).values():
+                state.replica = (groups.dp_rank, groups.dp)
 
 
 def fast_weight_tensors(chunks: list[nn.Module]) -> list[tuple[object, str]]:

@@ -47,6 +47,9 @@ _MODULES = (
     "megatron.core.transformer.utils",                              # get_default_causal_mask(device="cuda")
     "megatron.core.pipeline_parallel.schedules",                    # total_num_tokens on device="cuda"
     "megatron.core.pipeline_parallel.p2p_communication",            # receive buffers on current_device()
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",  # torch.cuda.synchronize() before a save
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # failure flags on current_device()
+    "megatron.core.dist_checkpointing.strategies.async_utils",       # the same, for async requests
 )
 
 _FACTORIES = frozenset({

@@ -128,6 +128,7 @@ def shard_fwpkm_block(block, group, rank: int, size: int) -> None:
     block.out_norm.weight = _slice_param(block.out_norm.weight, 0, cols)
     block.out_proj.weight = _slice_param(block.out_proj.weight, 1, cols)
     block.state.shard_columns(cols)
+    block.state.tp_group = group
     block.tp_group = group
     block.out_norm.tp_group = group
 

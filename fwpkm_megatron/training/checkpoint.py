@@ -11,16 +11,20 @@ Layout under `run_dir/checkpoints/`:
         manifest.json   format version, step and the byte size of every file above; written last
     latest              text file naming the newest complete step directory
 
-Parallel runs (world size > 1) write the same files once per rank (`save_sharded_checkpoint`):
+Parallel runs (the ParallelEngine) write a distributed checkpoint (`save_sharded_checkpoint` with
+`write_dist`):
 
     step_00000123/
-        rank_00000/ ... rank_{W-1}/   model.pt, optimizer.pt, trainer.pt, manifest.json of that rank
+        dist/           megatron dist_checkpointing: the model with its fast weights and (plain AdamW)
+                        the optimizer moments, each tensor once under a global key
+                        (parallel/dist_checkpoint.py); loads at any TP x PP x DP layout
+        rank_00000/ ... rank_{W-1}/   trainer.pt (+ optimizer.pt under ZeRO: its partition), manifest.json
         config.json     the run config
-        manifest.json   format "sharded", step, world size and layout (tp, pp, vpp, dp); written last
+        manifest.json   kind "distributed", step, layout (world size, tp, pp, vpp, dp); written last
 
-Each rank holds its model chunks' state (its TP column slices of the memory tables, its pipeline
-stage's layers), its optimizer state and its data-stream position; fast-weight states are saved by every
-rank, so `persistent_local` keeps one memory per DP rank. A sharded checkpoint resumes at the same layout.
+At the same layout every rank reads its own trainer.pt; at another layout every rank reads rank 0's
+(step, scheduler, data position and loss history are the same on every rank; the RNG states are rank
+0's). The older kind "sharded" (model.pt per rank instead of dist/) still resumes at the same layout.
 
 A checkpoint is written into `step_00000123.tmp/` and `os.replace`d into place, then `latest` is
 rewritten through a temporary file, so a crash at any point leaves the previous checkpoint intact and
@@ -46,6 +50,7 @@ LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Top-level keys of the trainer state that get a file of their own; the rest goes to trainer.pt.
 SEPARATE_FILES = ("model", "optimizer")
+DIST_DIR = "dist"  # the dist_checkpointing part of a distributed checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -186,11 +191,16 @@ def _barrier() -> None:
 
 
 def save_sharded_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: dict[str, Any], *,
-                            keep_last: int, rank: int, world_size: int, layout: dict[str, int]) -> Path:
+                            keep_last: int, rank: int, world_size: int, layout: dict[str, int],
+                            write_dist=None) -> Path:
     """Collective: every rank writes its trainer state into `root/step_{step}/rank_{rank}` (atomic as a whole).
 
     Rank 0 creates the temporary directory, every rank writes and fsyncs its files, rank 0 writes the
     manifest last, renames the directory into place and moves `latest`.
+
+    Args:
+        write_dist: `write_dist(directory)`, collective, writes the dist_checkpointing part into the
+            (empty) `dist/` directory; the checkpoint is then of kind "distributed".
     """
     root = Path(root)
     final = root / step_dir_name(step)
@@ -200,7 +210,11 @@ def save_sharded_checkpoint(root: str | Path, step: int, state: dict[str, Any], 
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
+        if write_dist is not None:
+            (tmp / DIST_DIR).mkdir()
     _barrier()
+    if write_dist is not None:
+        write_dist(tmp / DIST_DIR)
     own = tmp / f"rank_{rank:05d}"
     own.mkdir()
     files = {f"{key}.pt": state[key] for key in SEPARATE_FILES if key in state}
@@ -216,7 +230,8 @@ def save_sharded_checkpoint(root: str | Path, step: int, state: dict[str, Any], 
     _barrier()
     if rank == 0:
         _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
-        manifest = {"format": FORMAT_VERSION, "kind": "sharded", "step": step, "layout": layout}
+        kind = "sharded" if write_dist is None else "distributed"
+        manifest = {"format": FORMAT_VERSION, "kind": kind, "step": step, "layout": layout}
         _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
         if final.exists():
             stale = root / (final.name + ".old")
@@ -233,17 +248,60 @@ def save_sharded_checkpoint(root: str | Path, step: int, state: dict[str, Any], 
     return final
 
 
-def load_sharded_checkpoint(path: str | Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """This rank's state from a checkpoint written by `save_sharded_checkpoint` at the same world size.
+def checkpoint_kind(path: str | Path) -> str:
+    """"single", "sharded" or "distributed"; "single" also when the manifest is missing or unreadable
+    (then `load_checkpoint` reports the damage, naming the file)."""
+    try:
+        return checkpoint_manifest(path)["kind"]
+    except (CheckpointError, TypeError):
+        return "single"
 
-    Raises:
-        CheckpointError: not a sharded checkpoint, another world size, or a missing/corrupt file.
-    """
+
+def checkpoint_manifest(path: str | Path) -> dict[str, Any]:
+    """The top-level manifest of a step directory; `kind` is "single" (one process), "sharded" or
+    "distributed"."""
     path = Path(path)
     try:
         top = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path / 'manifest.json'}: unreadable ({exc})") from None
+    top.setdefault("kind", "single")
+    return top
+
+
+def load_distributed_checkpoint(path: str | Path, rank: int, layout: dict[str, int]
+                                ) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The trainer state of a "distributed" checkpoint for this rank (the model is in `path/dist`).
+
+    Returns:
+        (state, config, same_layout): this rank's own files when the layout equals the saving run's,
+        else rank 0's.
+    Raises:
+        CheckpointError: not a distributed checkpoint, or a missing/corrupt file.
+    """
+    path = Path(path)
+    top = checkpoint_manifest(path)
+    if top["kind"] != "distributed":
+        raise CheckpointError(f"{path}: a {top['kind']!r} checkpoint, not a distributed one")
+    if not (path / DIST_DIR / "metadata.json").is_file():
+        raise CheckpointError(f"{path / DIST_DIR}: missing or incomplete (no metadata.json)")
+    same = top["layout"] == layout
+    state, _ = load_checkpoint_dir(path / f"rank_{rank if same else 0:05d}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: unreadable ({exc})") from None
+    return state, config, same
+
+
+def load_sharded_checkpoint(path: str | Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """This rank's state from a "sharded" checkpoint (per-rank model.pt) written at the same world size.
+
+    Raises:
+        CheckpointError: not a sharded checkpoint, another world size, or a missing/corrupt file.
+    """
+    path = Path(path)
+    top = checkpoint_manifest(path)
     if top.get("kind") != "sharded":
         raise CheckpointError(f"{path}: a single-process checkpoint; a run on {world_size} processes resumes "
                               "only from a sharded checkpoint of the same layout")

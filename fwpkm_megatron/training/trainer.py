@@ -17,7 +17,9 @@ RNG is forked, and the val stream is rebuilt from scratch, so every evaluation s
 Parallel runs (world size > 1, `parallel.num_microbatches` > 1 or DeepSpeed on; launched by
 `fwpkm-launch`) take the same loop with `training/engine.py`'s `ParallelEngine` doing the step: megatron's
 schedules over TP x PP x DP, DP-averaged grads (or ZeRO), the DP sync of fast weights. Each DP rank
-reads its own share of the stream; checkpoints are written per rank (`checkpoint.save_sharded_checkpoint`).
+reads its own share of the stream. Parallel runs write distributed checkpoints (model, fast weights and
+AdamW moments through megatron `dist_checkpointing`, the rest per rank; `checkpoint.py`), which resume
+at any layout, also in one process; a single-process run keeps the single-process format.
 """
 from __future__ import annotations
 
@@ -80,8 +82,14 @@ class Trainer:
         rank, world = (0, 1) if self.groups is None else (self.groups.rank, self.groups.world_size)
 
         resume_from = ckpt.latest_checkpoint(self.ckpt_root)  # read and validate before building anything
+        kind = ckpt.checkpoint_kind(resume_from) if resume_from is not None else None
+        same_layout = True
+        self._resume_notes: list[str] = []  # printed once the logger exists
         if resume_from is None:
             state, saved_config = None, None
+        elif kind == "distributed":
+            state, saved_config, same_layout = ckpt.load_distributed_checkpoint(
+                resume_from, rank, _layout_record(self.groups))
         elif self.groups is None:
             state, saved_config = ckpt.load_checkpoint(resume_from)
         else:
@@ -112,6 +120,8 @@ class Trainer:
             # sequences per step = micro_batch_size x num_microbatches x DP ranks
             self.tokens_per_step = cfg.micro_batch_size * cfg.seq_len * run.parallel.num_microbatches * dp
             if state is not None:
+                if kind == "distributed":
+                    self._load_distributed(resume_from, state, same_layout)
                 self._load_checkpoint_state(state, resume_from)
                 self.last_checkpoint = resume_from
         except BaseException:
@@ -122,6 +132,8 @@ class Trainer:
                                 stream=console, enabled=not quiet)
         if resume_from is not None:
             self.logger.console(f"resuming from {resume_from} at step {self.step}/{cfg.steps}")
+            for note in self._resume_notes:
+                self.logger.console(note)
             changed = _changed_keys(saved_config, run.to_dict())
             if changed:
                 self.logger.console(f"config differs from the checkpoint's in: {', '.join(changed)}")
@@ -142,12 +154,20 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.engine is not None and self.engine.deepspeed is not None:
+        """Restore a `state_dict()`. Without "model" / "optimizer" (a distributed checkpoint, loaded by
+        `_load_distributed`), those are left as they are."""
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+        if "optimizer" not in state:
+            pass
+        elif self.engine is not None and self.engine.deepspeed is not None:
             self.engine.load_optimizer_state(state["optimizer"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "optimizer" not in state:  # the LR lives in the param groups; take the schedule's
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
         self.train_stream.load_state_dict(state["data"])
         ckpt.restore_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -163,6 +183,34 @@ class Trainer:
         """Set the attention window of every model chunk for this step; return it."""
         windows = [wc.begin_step(step, self.run.train.seed, training=training) for wc in self.window_controls]
         return windows[0]
+
+    def _load_distributed(self, path: Path, state: dict[str, Any], same_layout: bool) -> None:
+        """Load the dist_checkpointing part of a distributed checkpoint (collective), at any layout.
+
+        The model and its fast weights load exactly. Plain AdamW moments are resharded with the model.
+        ZeRO partitions are per-rank files: they load at the same layout; at another layout the
+        optimizer state restarts (moments zero, said on the console).
+        """
+        from fwpkm_megatron.parallel.dist_checkpoint import load_distributed
+
+        chunks = self.engine.chunks if self.engine is not None else [self.model]
+        plain = self.engine is None or self.engine.deepspeed is None
+        try:
+            adamw = load_distributed(path / ckpt.DIST_DIR, chunks, self.optimizer if plain else None)
+        except Exception as exc:  # megatron raises CheckpointingException and others
+            raise ckpt.CheckpointError(f"{path / ckpt.DIST_DIR}: cannot be loaded into this run's model "
+                                       f"({type(exc).__name__}: {exc})") from None
+        if plain and not adamw:
+            self._resume_notes.append("optimizer state restarted: the checkpoint holds ZeRO partitions, "
+                                      "this run uses plain AdamW; model and fast weights loaded exactly")
+        elif not plain and not (same_layout and "optimizer" in state):
+            state.pop("optimizer", None)
+            self._resume_notes.append("optimizer state restarted: ZeRO partitions resume only at the layout "
+                                      "that wrote them (or the checkpoint holds plain AdamW moments); "
+                                      "model and fast weights loaded exactly")
+        if not same_layout:
+            self._resume_notes.append("checkpoint written at another layout: resharded; step, schedule, "
+                                      "data position and RNG states taken from its rank 0")
 
     def _load_checkpoint_state(self, state: dict[str, Any], path: Path) -> None:
         """load_state_dict, with a model that does not fit the checkpoint reported as a CheckpointError."""
@@ -304,10 +352,17 @@ class Trainer:
         if self.groups is None:
             self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(),
                                                         self.run.to_dict(), keep_last=self.run.train.keep_last)
-        else:
+        else:  # distributed: model, fast weights (and plain AdamW moments) through dist_checkpointing
+            from fwpkm_megatron.parallel.dist_checkpoint import save_distributed
+
+            plain = self.engine.deepspeed is None
+            optimizer = self.optimizer if plain else None
+            drop = ("model", "optimizer") if plain else ("model",)
+            state = {k: v for k, v in self.state_dict().items() if k not in drop}
             self.last_checkpoint = ckpt.save_sharded_checkpoint(
-                self.ckpt_root, self.step, self.state_dict(), self.run.to_dict(), keep_last=self.run.train.keep_last,
-                rank=self.groups.rank, world_size=self.groups.world_size, layout=_layout_record(self.groups))
+                self.ckpt_root, self.step, state, self.run.to_dict(), keep_last=self.run.train.keep_last,
+                rank=self.groups.rank, world_size=self.groups.world_size, layout=_layout_record(self.groups),
+                write_dist=lambda directory: save_distributed(directory, self.engine.chunks, optimizer))
         self.logger.console(f"saved checkpoint {self.last_checkpoint}")
         return self.last_checkpoint
 
@@ -387,6 +442,8 @@ def uses_parallel_engine(run: RunConfig) -> bool:
 
 
 def _layout_record(groups) -> dict[str, int]:
+    if groups is None:
+        return {"world_size": 1, "tp": 1, "pp": 1, "vpp": 1, "dp": 1}
     return {"world_size": groups.world_size, "tp": groups.tp, "pp": groups.pp, "vpp": groups.vpp, "dp": groups.dp}
 
 

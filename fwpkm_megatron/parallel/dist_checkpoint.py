@@ -1,0 +1,219 @@
+"""Layout-independent checkpoints through megatron-core `dist_checkpointing` (design decision 8).
+
+A `dist_checkpointing` directory stores every tensor once, under a global key and its global shape;
+each rank declares which piece it holds (`sharded_state_dict()`), so a checkpoint written at one
+TP x PP x DP layout loads at another. megatron's own modules declare their TP splits; the memory
+modules declare theirs with `sharded_tensors` below (memory/fwpkm.py, memory/pkm.py, memory/state.py):
+
+- value tables, value projections, the FwPKM output norm: column-sharded along d_v (`tp_axes`);
+- output projections: row-parallel (input columns, axis 1);
+- queries, keys (fast-weight sub-keys and PKM sub-keys), gates, biases of row-parallel layers: replicated.
+
+Without these declarations a TP-sharded tensor counts as TP-replicated: a TP2 -> TP1 load fails on
+the global shape and, worse, a TP2 -> TP2 load silently gives rank 1 rank 0's columns
+(megatron-deepspeed-notes.md Q4). Layer keys carry the global layer id (the config sets
+`hetereogenous_dist_checkpoint`, Q3), so pipeline stages and virtual stages do not matter either.
+
+`persistent_local` fast weights differ between DP replicas: each FastWeightState then carries
+`replica = (dp_rank, dp)` (set by `parallel/apply.py::parallelize`) and its tensors get a leading DP
+axis, so every replica's memory is stored, not rank 0's. Such a checkpoint loads only at the same DP
+size (the trainer checks this before loading and says so).
+
+The plain AdamW state (exp_avg, exp_avg_sq) is stored beside the model, sharded exactly like each
+parameter (megatron's `dist_checkpointing.optimizer` helpers), so it reshards with the model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Metadata of every sharded_state_dict call: layers differ (FwPKM branch, PKM MLP), so each keeps its own
+# entry instead of being stacked along a layer axis.
+METADATA = {"non_homogeneous_layers": True}
+# Optimizer state keys that are scalars per parameter (stored once, as a common value).
+_SCALAR_STATE = ("step",)
+
+
+def sharded_tensors(tensors: dict[str, torch.Tensor], prefix: str, sharded_offsets=(), metadata=None, *,
+                    tp_axes: dict[str, int], tp_group=None, replica: tuple[int, int] | None = None) -> dict:
+    """ShardedTensors for a module's tensors (its `state_dict(keep_vars=True)` entries).
+
+    Args:
+        tensors: local name -> tensor (Parameters themselves, so optimizer state can be mapped to them).
+        prefix: key prefix of the module (megatron passes it).
+        sharded_offsets: offsets already applied by parent modules (a layer axis), prepended.
+        metadata: megatron's metadata dict (carries `dp_cp_group`).
+        tp_axes: local name -> tensor dim split over the TP group; every other tensor is TP-replicated.
+        tp_group: the module's TP group (None: megatron's TP group, of which it is a replica).
+        replica: (dp_rank, dp) for per-replica tensors: a leading DP axis, one entry per replica.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+    from megatron.core.utils import (get_pg_rank, make_sharded_tensor_for_checkpoint,
+                                     make_tp_sharded_tensor_for_checkpoint)
+
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    if tp_group is None and parallel_state.model_parallel_is_initialized():
+        # an unsharded module still sits on a TP rank: its replicated tensors are written by TP rank 0 only
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    groups = dict(tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"])
+    offsets = tuple(sharded_offsets)
+    if replica is not None:  # a leading DP axis: each replica holds its own piece
+        offsets += ((len(offsets), replica[0], replica[1]),)
+    out = {}
+    for name, tensor in tensors.items():
+        key = f"{prefix}{name}"
+        if name in tp_axes:  # replica id None: megatron's (0, 0, dp_rank); per replica, the only holder
+            replica_id = None if replica is None else (0, 0, 0)
+            out[key] = make_tp_sharded_tensor_for_checkpoint(tensor, key, tp_axis=tp_axes[name], replica_id=replica_id,
+                                                             prepend_offsets=offsets, **groups)
+        else:  # TP-replicated: megatron's (0, tp_rank, dp_rank); per replica, TP rank 0 writes
+            replica_id = None if replica is None else (0, get_pg_rank(tp_group), 0)
+            out[key] = make_sharded_tensor_for_checkpoint(tensor, key, prepend_offsets=offsets,
+                                                          replica_id=replica_id, **groups)
+    return out
+
+
+def child_tensors(module: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """`state_dict(keep_vars=True)` entries of the named children of `module` (absent children skipped)."""
+    out = {}
+    for name in names:
+        child = getattr(module, name, None)
+        if child is not None:
+            out.update({f"{name}.{k}": v for k, v in child.state_dict(keep_vars=True).items()})
+    return out
+
+
+# --------------------------------------------------------------------------------- model + optimizer
+
+def model_sharded_state_dict(chunks: list[nn.Module]) -> dict:
+    """{"chunk{i}": chunk i's sharded state dict}; the keys inside are global, so the nesting is free."""
+    return {f"chunk{i}": chunk.sharded_state_dict(metadata=dict(METADATA)) for i, chunk in enumerate(chunks)}
+
+
+def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter AdamW state (zeros, step 0) so it has a place in the checkpoint.
+
+    A parameter without state has taken no step; zeros at step 0 are exactly what AdamW would create.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sd: dict) -> dict:
+    """AdamW state as ShardedTensors keyed `optimizer.state.{exp_avg,exp_avg_sq}.<parameter key>`.
+
+    The per-parameter `step` counters are stored once (they are equal: every slow weight steps every step).
+    """
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            make_sharded_optimizer_tensor)
+
+    _init_adamw_state(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    id_map = get_param_id_to_sharded_param_map(model_sd, params)
+    missing = [i for i in range(len(params)) if i not in id_map]
+    if missing:
+        raise ValueError(f"{len(missing)} optimized parameters have no sharded model tensor "
+                         f"(shapes {[tuple(params[i].shape) for i in missing[:4]]})")
+    state, steps = {}, set()
+    for i, p in enumerate(params):
+        s = optimizer.state[p]
+        steps.add(float(s["step"]))
+        state[i] = {k: make_sharded_optimizer_tensor(id_map[i], v, prefix=f"optimizer.state.{k}")
+                    for k, v in s.items() if k not in _SCALAR_STATE}
+    if len(steps) > 1:
+        raise ValueError(f"AdamW step counters differ between parameters: {sorted(steps)}")
+    return {"state": state, "step": steps.pop()}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, loaded: dict) -> None:
+    """Put a loaded `optimizer_sharded_state_dict` into `optimizer` (hyperparameters stay this run's)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    step = torch.tensor(float(loaded["step"]))
+    state = {i: {"step": step.clone(), **{k: v.clone() for k, v in loaded["state"][i].items()}}
+             for i in range(len(params))}
+    current = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+class LayoutMismatch(ValueError):
+    """The checkpoint cannot be loaded at this layout; the message says why and what would work."""
+
+
+def fast_weight_replicas(chunks: list[nn.Module]) -> int:
+    """How many per-replica memories each fast-weight state has: dp under persistent_local, else 1."""
+    from fwpkm_megatron.memory import fast_weight_states
+
+    sizes = {s.replica[1] for c in chunks for s in fast_weight_states(c).values() if s.replica is not None}
+    return sizes.pop() if sizes else 1
+
+
+def _gathered(chunks: list[nn.Module], modifier_rank):
+    """ZeRO-3 partitions parameters: gather them for the duration of a save or load (else a no-op)."""
+    import contextlib
+
+    params = [p for c in chunks for p in c.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def save_distributed(directory: str | Path, chunks: list[nn.Module],
+                     optimizer: torch.optim.Optimizer | None) -> None:
+    """Collective: write the chunks (fast weights included) and, if given, the AdamW state to `directory`.
+
+    `directory` must exist and be empty (rank 0 creates it before a barrier).
+    """
+    from megatron.core import dist_checkpointing
+
+    with _gathered(chunks, modifier_rank=None):
+        model_sd = model_sharded_state_dict(chunks)
+        state = {"model": model_sd}
+        if optimizer is not None:
+            state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
+        dist_checkpointing.save(state, str(directory),
+                                content_metadata={"fast_weight_replicas": fast_weight_replicas(chunks),
+                                                  "adamw": optimizer is not None})
+
+
+def load_distributed(directory: str | Path, chunks: list[nn.Module],
+                     optimizer: torch.optim.Optimizer | None) -> bool:
+    """Collective: load the chunks and (if given) the AdamW state from a `save_distributed` directory,
+    whatever layout wrote it. Every tensor of this rank's chunks must be in the checkpoint.
+
+    Returns:
+        True when the AdamW state was loaded too (False: no optimizer given, or the checkpoint has none).
+    Raises:
+        LayoutMismatch: per-replica (persistent_local) memories saved at another DP size.
+    """
+    from megatron.core import dist_checkpointing
+
+    content = dist_checkpointing.load_content_metadata(str(directory)) or {}
+    if not content.get("adamw", False):
+        optimizer = None
+    saved = content.get("fast_weight_replicas", 1)
+    here = fast_weight_replicas(chunks)
+    if saved != here:
+        raise LayoutMismatch(
+            f"{directory}: fast weights were saved as {saved} per-replica memories (persistent_local at DP={saved}); "
+            f"this run keeps {here} (DP={here} with persistent_local, or another policy): load persistent_local "
+            "memories at the DP size that wrote them")
+    with _gathered(chunks, modifier_rank=0):
+        model_sd = model_sharded_state_dict(chunks)
+        state = {"model": model_sd}
+        if optimizer is not None:
+            state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
+        loaded = dist_checkpointing.load(state, str(directory))
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+    if optimizer is not None:
+        load_optimizer_state(optimizer, loaded["optimizer"])
+    return optimizer is not None
+
