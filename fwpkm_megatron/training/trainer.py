@@ -200,6 +200,8 @@ class Trainer:
         except Exception as exc:  # megatron raises CheckpointingException and others
             raise ckpt.CheckpointError(f"{path / ckpt.DIST_DIR}: cannot be loaded into this run's model "
                                        f"({type(exc).__name__}: {exc})") from None
+        if plain:
+            state.pop("optimizer", None)  # a ZeRO run's partition (per-rank file); plain AdamW reads dist/ only
         if plain and not adamw:
             self._resume_notes.append("optimizer state restarted: the checkpoint holds ZeRO partitions, "
                                       "this run uses plain AdamW; model and fast weights loaded exactly")

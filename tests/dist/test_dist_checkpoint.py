@@ -10,7 +10,7 @@ layer 1), with 2 micro-batches per step so every layout runs the same computatio
 - `persistent_local` at DP=2: both replicas' (different) memories come back, each to its rank, and a
   load at DP=1 fails saying why;
 - the Trainer: a run stopped at TP=2 resumes at PP=2 (data position, step, optimizer) and equals the
-  uninterrupted TP=2 run.
+  uninterrupted TP=2 run; a ZeRO-1 checkpoint resumes at another layout with a fresh optimizer (said so).
 A new layout pair gets a worker call in the test of its kind. Ranks are forked (tests/dist/spawn.py).
 """
 from __future__ import annotations
@@ -181,3 +181,10 @@ def test_trainer_resumed_at_pp2_matches_tp2_run(tiny_run, tmp_path):
     # one process, plain single-process step (1 micro-batch of 4: another computation, so eval only)
     losses, val, console = run_ranks(_trainer, 1, tiny_run(tmp_path / "single", *common[:2]), 0, True)[0]
     assert losses == full[:2] and abs(val - val_at_2) <= RTOL * val_at_2, (val, val_at_2)
+
+
+def test_zero1_checkpoint_resumes_at_another_layout_with_a_fresh_optimizer(tiny_run, tmp_path):
+    common = ["train.steps=3", "train.eval_batches=1"]
+    run_ranks(_trainer, 2, tiny_run(tmp_path, *common, "deepspeed.zero_stage=1"), 2)  # DP=2, stopped at 2
+    losses, _, console = run_ranks(_trainer, 2, tiny_run(tmp_path, *common, "parallel.tp=2"))[0]
+    assert "optimizer state restarted" in console and len(losses) == 3, console
