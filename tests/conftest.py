@@ -1,7 +1,15 @@
 """Shared fixtures: a tiny prepared corpus (built once per session) and tiny run configs over it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+# Triton decides interpreted vs compiled when a kernel is *defined*, and megatron-core / DeepSpeed
+# import triton early; without CUDA every kernel in this session must be the interpreted kind.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
@@ -53,6 +61,4 @@ def tiny_run(tiny_overrides):
 def pytest_configure(config):
     # Test shapes are tiny: one intra-op thread is fastest, and it never oversubscribes the cores
     # when several test processes (or a parallel test's ranks) share the machine.
-    import torch
-
     torch.set_num_threads(1)

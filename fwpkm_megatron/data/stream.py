@@ -34,7 +34,9 @@ syncs the node's ranks at each epoch start through shared memory).
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -427,10 +429,40 @@ class TokenStream:
             self._iter = None
 
     def close(self) -> None:
-        """Stop reading and release the local directory; the stream is unusable afterwards."""
-        if self._dataset is not None:
-            self._stop_epoch()
-        self._loader = self._dataset = None
+        """Stop reading and release the local directory and shared memory; the stream is unusable afterwards."""
+        if self._dataset is None:
+            return
+        self._stop_epoch()
+        shared = _shared_memory_of(self._dataset)
+        self._iter = self._loader = self._dataset = None
+        gc.collect()  # the dataset's numpy views must die before their buffers can close
+        for shm in shared:
+            # streaming keeps every segment open until exit (an atexit hook per segment): one open
+            # file per segment per stream, which a process building many streams runs out of.
+            atexit.unregister(shm.cleanup)
+            try:
+                shm.cleanup()
+            except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
+                atexit.register(shm.cleanup)
+
+
+def _shared_memory_of(dataset) -> list:
+    """The streaming SharedMemory segments a StreamingDataset holds, directly or in its shared arrays/barriers."""
+    from streaming.base.shared.memory import SharedMemory
+
+    found, seen, todo = [], set(), [dataset]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, SharedMemory):
+            found.append(obj)
+        elif isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+        elif type(obj).__module__.startswith("streaming") and hasattr(obj, "__dict__"):
+            todo.extend(vars(obj).values())
+    return found
 
 
 def build_loader(data_cfg: DataConfig, split: str, *, batch_size: int, seq_len: int, seed: int,

@@ -155,7 +155,7 @@ class ScanResult(NamedTuple):
     idx: torch.Tensor          # [B, T, H, k] slots read by each token
 
 
-def _targets(v: torch.Tensor, start: int, end: int, lookahead: int):
+def chunk_targets(v: torch.Tensor, start: int, end: int, lookahead: int):
     """Targets v_{t+lookahead} for t in [start, end) and a mask of tokens whose target is inside the chunk."""
     C = end - start
     target = torch.zeros_like(v[:, start:end])
@@ -178,7 +178,7 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
         end = min(start + chunk_size, T)
         C = end - start
         qc = q[:, start:end].reshape(B * C, H, -1)
-        target, has = _targets(v, start, end, lookahead)
+        target, has = chunk_targets(v, start, end, lookahead)
         gate = g[:, start:end]
         with torch.enable_grad():  # the key step needs autograd even in eval (then first-order only)
             k_in = keys if differentiable and keys.requires_grad else keys.detach().requires_grad_()

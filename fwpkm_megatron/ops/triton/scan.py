@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reference import ScanResult
+from ..reference import ScanResult, chunk_targets
 from .address import address_bwd, address_fwd, addressing_key_grad, addressing_key_hvp
 from .read import read_fwd, scatter_rows, segments, token_bwd
 from .write import write_fwd, write_scale
@@ -110,18 +110,6 @@ class _RowStore:
         return offset
 
 
-def _targets(v, start: int, end: int, lookahead: int):
-    """Targets v_{t+lookahead} for t in [start, end) and the mask of tokens whose target is inside the chunk."""
-    C = end - start
-    target = torch.zeros_like(v[:, start:end])
-    has = torch.zeros(C, dtype=torch.bool, device=v.device)
-    n = C - lookahead
-    if n > 0:
-        target[:, :n] = v[:, start + lookahead:end]
-        has[:n] = True
-    return target, has
-
-
 def _scan_forward(q, v, g, keys, values, o: _Options, save: bool):
     """Run the scan; returns (v_hat, keys, rows, row_values, idx) and, with `save`, what the backward needs."""
     q, v, g, keys, values = (t.detach() for t in (q, v, g, keys, values))
@@ -146,7 +134,7 @@ def _scan_forward(q, v, g, keys, values, o: _Options, save: bool):
         vh = read_fwd(values, idx, w, store.buf, ptr, out_dtype=v_hat.dtype)
         v_hat[:, start:end] = vh.view(B, C, D)
         idx_out[:, start:end] = idx.view(B, C, H, k)
-        target, has = _targets(v, start, end, o.lookahead)
+        target, has = chunk_targets(v, start, end, o.lookahead)
         gate = g[:, start:end]
 
         if o.addr_loss:  # the key step (first order here; the backward adds its second-order term)
@@ -218,7 +206,7 @@ def _scan_backward(o: _Options, q, v, g, keys, table, v_hat, saved, dv_hat, dkey
         n_tgt = max(C - o.lookahead, 0)
         idx, w, ptr, rptr, K_c = ch["idx"], ch["w"], ch["ptr"], ch["rptr"], ch["K"]  # ptr: written by, rptr: read from
         qc = q[:, start:end].reshape(M, H, d_k).contiguous()
-        target, has = _targets(v, start, end, o.lookahead)
+        target, has = chunk_targets(v, start, end, o.lookahead)
         gate = g[:, start:end]
 
         # 1. key step K' = K - key_lr * grad_K L_key: its Hessian-vector product with dK'
