@@ -59,7 +59,7 @@ def _readme(info: dict[str, Any]) -> str:
     cfg = info["run_config"]
     return f"""# FwPKM GPT export (step {info['step']})
 
-Exported by `fwpkm-export` from `{info['checkpoint']}` ({info['layout']} layout).
+Exported by `fwpkm-export` from `{info['checkpoint']}` ({info['layout']} layout{_written_at(info)}).
 
 | | |
 |---|---|
@@ -68,6 +68,7 @@ Exported by `fwpkm-export` from `{info['checkpoint']}` ({info['layout']} layout)
 | data manifest sha256 | `{info['data_manifest_sha256']}` |
 | slow-weight dtype | {info['dtype']} (fast weights: float32) |
 | default test-time policy | {info['policy']} |
+| fast-weight memory | {_memory_source(info)} |
 | FwPKM layers / PKM layers | {cfg['fwpkm']['layers']} / {cfg['pkm']['layers']} |
 
 `model.safetensors`: `model.*` (and `lm_head.*`) are slow weights; `fast_weights.layer_<i>.keys|values`
@@ -87,8 +88,20 @@ Training config:
 """
 
 
+def _written_at(info: dict[str, Any]) -> str:
+    lay = info.get("source_layout")
+    return f", written at TP={lay['tp']} x PP={lay['pp']} x DP={lay['dp']}" if lay else ""
+
+
+def _memory_source(info: dict[str, Any]) -> str:
+    if info.get("fast_weight_replicas", 1) <= 1:
+        return "the one memory of the run (shared by every DP rank)"
+    return (f"DP rank {info['memory_dp_rank']}'s, one of {info['fast_weight_replicas']} per-DP-rank memories "
+            "(persistent_local; `fwpkm-export --dp-rank R` exports another)")
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32", policy: str = "per_sequence",
-                      tokenizer: str | Path | None = None, overwrite: bool = False, tp: int = 1, pp: int = 1) -> Path:
+                      tokenizer: str | Path | None = None, overwrite: bool = False, dp_rank: int | None = None) -> Path:
     """Export a training checkpoint into a self-contained Hugging Face directory (layout in the module doc).
 
     Args:
@@ -97,21 +110,21 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         dtype: "fp32" | "bf16" for slow weights; fast weights always fp32.
         policy: default test-time fast-weight policy written to config.json.
         tokenizer: a prepared data dir or tokenizer.json (default: the run's data.path).
-        tp, pp: target layout for continued training; only 1, 1 (one consolidated directory) exists yet.
+        dp_rank: persistent_local checkpoints hold one memory per DP rank: whose to export (None = rank 0;
+            recorded in README.md and fwpkm_training.json either way).
     Returns:
         The export directory.
     Raises:
         ExportError / CheckpointError: unsupported layout, unmapped tensors, missing tokenizer, bad files.
+
+    A training checkpoint for continued training at another TP x PP layout: `export/reshard.py`.
     """
-    if (tp, pp) != (1, 1):
-        raise ExportError(f"--tp {tp} --pp {pp}: resharding to a parallel layout needs the parallel-training "
-                          "checkpoint format, which is not built yet; export with --tp 1 --pp 1")
     if dtype not in ("fp32", "bf16"):
         raise ExportError(f"dtype={dtype!r}: must be fp32 or bf16")
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise ExportError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
-    state, config_dict, meta = read_checkpoint(checkpoint)
+    state, config_dict, meta = read_checkpoint(checkpoint, dp_rank=dp_rank)
     run = from_dict(config_dict)
     vocab_size = int(state["embedding.word_embeddings.weight"].shape[0])
     tensors = megatron_to_hf(state, run)

@@ -10,7 +10,7 @@ What this proves:
 - a corrupt or truncated file is reported by name before anything loads;
 - megatron -> export -> megatron names round-trip exactly (the basis of resharding).
 
-Single-process checkpoints only: TP/PP layouts arrive with the parallel-training issue.
+Parallel (TP/PP) sources and resharding for continued training: tests/dist/test_export_parallel.py.
 The trained run and its export are built once per module (`exported`); new checks on them go here.
 """
 from __future__ import annotations
@@ -221,9 +221,12 @@ def test_megatron_names_round_trip_through_the_export(exported):
         assert torch.equal(ref[k], got[k]), k
 
 
-def test_parallel_layouts_are_refused_clearly(exported, tmp_path):
-    from fwpkm_megatron.export import ExportError, export_checkpoint
+def test_dp_rank_and_unfit_layouts_are_refused_clearly(exported, tmp_path):
+    from fwpkm_megatron.export import ExportError, export_checkpoint, reshard_checkpoint
 
     run, step_dir, _ = exported
-    with pytest.raises(ExportError, match="parallel"):
-        export_checkpoint(step_dir, tmp_path / "x", tp=2)
+    with pytest.raises(ExportError, match="one memory"):  # a single-process run has no per-DP-rank memories
+        export_checkpoint(step_dir, tmp_path / "x", dp_rank=1)
+    with pytest.raises(ExportError, match="num_attention_heads"):  # 4 heads do not split over TP=3
+        reshard_checkpoint(step_dir, tmp_path / "y", tp=3, pp=1)
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
