@@ -143,18 +143,51 @@ def build_from_distributed(step_dir: Path, config: dict[str, Any], *, dp_rank: i
         raise ExportError(f"{step_dir}: dp_rank={chosen}: the checkpoint holds {replicas} per-DP-rank memories "
                           f"(persistent_local), ranks 0..{replicas - 1}")
     model = build_model(run, distributed_vocab_rows(dist_dir))
-    if chosen is not None:  # load that replica's slice of the leading DP axis (parallel/dist_checkpoint.py)
-        for state in fast_weight_states(model).values():
-            state.replica = (chosen, replicas)
+    if chosen is not None and with_optimizer:
+        raise ExportError(f"{step_dir}: per-DP-rank memories ({replicas}) cannot be merged into one process "
+                          "with their optimizer state")
     optimizer = build_optimizer(model, run.train)[0] if with_optimizer else None
     try:
-        adamw = load_distributed(dist_dir, [model], optimizer)
+        if chosen is None:
+            adamw = load_distributed(dist_dir, [model], optimizer)
+        else:
+            _load_one_replica(dist_dir, model, chosen, replicas)
+            adamw = False
+    except ExportError:
+        raise
     except Exception as exc:  # megatron raises CheckpointingException and others
         raise CheckpointError(f"{dist_dir}: cannot be loaded into a one-process model "
                               f"({type(exc).__name__}: {exc})") from None
     for state in fast_weight_states(model).values():
         state.replica = None
     return model, optimizer, adamw, replicas, chosen
+
+
+def _load_one_replica(dist_dir: Path, model, dp_rank: int, replicas: int) -> None:
+    """Load `model` with DP rank `dp_rank`'s fast weights of a persistent_local checkpoint.
+
+    The fast-weight tensors carry a leading DP axis of `replicas` entries; this one process reads the whole
+    axis (megatron's torch reader wants every stored shard read by someone) and keeps entry `dp_rank`.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from fwpkm_megatron.memory import fast_weight_states
+    from fwpkm_megatron.parallel.dist_checkpoint import model_sharded_state_dict
+
+    sharded = model_sharded_state_dict([model])
+    fast = {f"{name}.{k}": t for name, state in fast_weight_states(model).items()
+            for k, t in state.state_dict().items()}
+    whole = {}
+    for name, t in fast.items():
+        key = name  # fast-weight keys are their module paths (no layer renumbering at PP=1)
+        whole[name] = ShardedTensor.from_rank_offsets(key, torch.empty(replicas, *t.shape, dtype=t.dtype),
+                                                      replica_id=0)
+        sharded["chunk0"].pop(name, None)
+    loaded = dist_checkpointing.load({"model": sharded, "fast": whole}, str(dist_dir))
+    state = dict(loaded["model"]["chunk0"])
+    state.update({name: t[dp_rank] for name, t in loaded["fast"].items()})
+    model.load_state_dict(state, strict=True)
 
 
 def read_rank0_trainer_state(step_dir: Path) -> dict[str, Any]:

@@ -6,7 +6,8 @@ What this proves, on the tiny run of tests/conftest.py (FwPKM at layer 0, PKM at
   fast weights after the call) equal the one-process megatron model loaded from that checkpoint within 1e-5;
 - reshard -> continue equals continuing the original (losses of steps 3-4 within 1e-5 relative, AdamW carried):
   TP=2 checkpoint -> TP=1 in one process, and a single-process checkpoint -> TP=2 on two ranks;
-- an export resharded for training restarts the optimizer and says so, and its eval loss equals the checkpoint's.
+- an export resharded for training restarts the optimizer and says so, and its eval loss equals the checkpoint's;
+- a persistent_local DP=2 checkpoint exports DP rank 0's memory by default, another with dp_rank, and records which.
 A new source layout gets a fixture entry in `runs`; a new target layout a case in the continue test.
 """
 from __future__ import annotations
@@ -143,3 +144,39 @@ def _export_only(rank, step_dir, out):
     from fwpkm_megatron.export import export_checkpoint
 
     export_checkpoint(step_dir, out)
+
+
+def _trained_memories(rank, run):
+    from fwpkm_megatron.training import Trainer
+
+    trainer = Trainer(run, console=io.StringIO())
+    try:
+        trainer.train()
+        return next(b.clone() for n, b in trainer.model.named_buffers() if n.endswith("layers.0.fwpkm.state.values"))
+    finally:
+        trainer.close()
+
+
+def _export_memory(rank, step_dir, out, dp_rank):
+    import json
+
+    from safetensors.torch import load_file
+
+    from fwpkm_megatron.export import export_checkpoint
+
+    export_checkpoint(step_dir, out, dp_rank=dp_rank)
+    info = json.loads((out / "fwpkm_training.json").read_text())
+    return load_file(str(out / "model.safetensors"))["fast_weights.layer_0.values"], info["memory_dp_rank"]
+
+
+def test_persistent_local_export_takes_the_chosen_dp_ranks_memory(tiny_run, tmp_path):
+    import torch
+
+    run = tiny_run(tmp_path / "run", "train.steps=2", "train.eval_batches=1", "fwpkm.policy=persistent_local")
+    memories = run_ranks(_trained_memories, 2, run)  # DP=2: the replicas' memories diverge
+    assert not torch.equal(memories[0], memories[1])
+    step_dir = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for dp_rank, out in ((None, "default"), (1, "rank1")):
+        values, recorded = run_ranks(_export_memory, 1, step_dir, tmp_path / out, dp_rank)[0]
+        assert recorded == (dp_rank or 0) and torch.equal(values, memories[dp_rank or 0]), out
+    assert "DP rank 1's, one of 2" in (tmp_path / "rank1" / "README.md").read_text()
