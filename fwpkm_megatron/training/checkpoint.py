@@ -124,19 +124,30 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: 
         shutil.rmtree(tmp)  # leftover of a save that crashed; never referenced by `latest`
     tmp.mkdir()
 
+    sizes = _write_state_files(tmp, state)
+    _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
+    manifest = {"format": FORMAT_VERSION, "step": step, "files": sizes}
+    _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+    _publish(root, tmp, final, keep_last)
+    return final
+
+
+def _write_state_files(directory: Path, state: dict[str, Any]) -> dict[str, int]:
+    """torch.save `model`/`optimizer` into their own files and the rest into trainer.pt, fsynced; -> sizes."""
     files = {f"{key}.pt": state[key] for key in SEPARATE_FILES if key in state}
     files["trainer.pt"] = {k: v for k, v in state.items() if k not in SEPARATE_FILES}
     sizes = {}
     for name, obj in files.items():
-        with open(tmp / name, "wb") as f:
+        with open(directory / name, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        sizes[name] = (tmp / name).stat().st_size
-    _write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
-    manifest = {"format": FORMAT_VERSION, "step": step, "files": sizes}
-    _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
+        sizes[name] = (directory / name).stat().st_size
+    return sizes
 
+
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rename a finished temporary step directory into place, move `latest` to it, prune old steps."""
     if final.exists():  # re-saving a step (e.g. a resumed run that ends where it started)
         stale = root / (final.name + ".old")
         shutil.rmtree(stale, ignore_errors=True)
@@ -148,7 +159,6 @@ def save_checkpoint(root: str | Path, step: int, state: dict[str, Any], config: 
     _fsync_dir(root)
     write_atomic(root / LATEST, final.name + "\n")
     _prune(root, keep_last, keep=final.name)
-    return final
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -217,15 +227,7 @@ def save_sharded_checkpoint(root: str | Path, step: int, state: dict[str, Any], 
         write_dist(tmp / DIST_DIR)
     own = tmp / f"rank_{rank:05d}"
     own.mkdir()
-    files = {f"{key}.pt": state[key] for key in SEPARATE_FILES if key in state}
-    files["trainer.pt"] = {k: v for k, v in state.items() if k not in SEPARATE_FILES}
-    sizes = {}
-    for name, obj in files.items():
-        with open(own / name, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        sizes[name] = (own / name).stat().st_size
+    sizes = _write_state_files(own, state)
     _write_text(own / "manifest.json", json.dumps({"format": FORMAT_VERSION, "step": step, "files": sizes}))
     _barrier()
     if rank == 0:
@@ -233,17 +235,7 @@ def save_sharded_checkpoint(root: str | Path, step: int, state: dict[str, Any], 
         kind = "sharded" if write_dist is None else "distributed"
         manifest = {"format": FORMAT_VERSION, "kind": kind, "step": step, "layout": layout}
         _write_text(tmp / "manifest.json", json.dumps(manifest, indent=2))
-        if final.exists():
-            stale = root / (final.name + ".old")
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        write_atomic(root / LATEST, final.name + "\n")
-        _prune(root, keep_last, keep=final.name)
+        _publish(root, tmp, final, keep_last)
     _barrier()
     return final
 

@@ -51,17 +51,25 @@ def _forget_parent_state():
 
 
 def run_ranks(fn, nproc: int, *args):
-    """fn(rank, *args) on nproc forked gloo ranks; returns [result of rank 0, ...]."""
+    """fn(rank, *args) on nproc forked gloo ranks; returns [result of rank 0, ...].
+
+    Forking a parent that holds a live process group (an earlier single-process test made one) copies
+    gloo's threads in an undefined state and crashes the children; such a parent spawns fresh ones.
+    """
+    import torch.distributed as dist
+
+    method = "spawn" if dist.is_initialized() else "fork"
     with tempfile.TemporaryDirectory(prefix="fwpkm_ranks_") as out_dir:
         ctx = mp.start_processes(_child, args=(fn, nproc, _free_port(), out_dir, args), nprocs=nproc,
-                                 join=False, start_method="fork")
+                                 join=False, start_method=method)
         while not ctx.join():
             pass
-        results = []
+        outcomes = []
         for index in range(nproc):
             with open(os.path.join(out_dir, f"{index}.pkl"), "rb") as f:
-                status, value = pickle.load(f)
-            if status != "ok":
-                raise AssertionError(f"rank {index} of {nproc} failed:\n{value}")
-            results.append(value)
-        return results
+                outcomes.append(pickle.load(f))
+        failures = [f"rank {i} of {nproc} failed:\n{value}" for i, (status, value) in enumerate(outcomes)
+                    if status != "ok"]
+        if failures:
+            raise AssertionError("\n".join(failures))
+        return [value for _, value in outcomes]
