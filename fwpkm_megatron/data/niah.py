@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from fwpkm_megatron.data.prepare import DataError, load_tokenizer, read_manifest
+from fwpkm_megatron.data.layout import load_tokenizer, read_manifest
+from fwpkm_megatron.data.readers import DataError
 from fwpkm_megatron.data.streaming_compat import import_streaming
 
 log = logging.getLogger(__name__)

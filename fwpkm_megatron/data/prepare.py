@@ -38,46 +38,38 @@ manifest.json is always complete.
 """
 from __future__ import annotations
 
-import bisect
 import fcntl
 import glob
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import random
 import secrets
 import shutil
-import sys
 import sysconfig
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from fwpkm_megatron.data import readers
 from fwpkm_megatron.data import tokenizer as bpe
+from fwpkm_megatron.data.layout import (DOCUMENTS, FORMAT, MANIFEST, READABLE_FORMATS, TOKENIZER, UNIT_BYTES,
+                                        sha256_file)
 from fwpkm_megatron.data.readers import DataError
+from fwpkm_megatron.data.units import Unit, held_locks, tokenize_units, unit_documents, unit_splits, work_units
 from fwpkm_megatron.data.streaming_compat import import_streaming
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fwpkm-megatron/packed-tokens-v2"
-READABLE_FORMATS = ("fwpkm-megatron/packed-tokens-v1", FORMAT)  # v1: train/val only, same shard layout
-SPLITS = ("train", "val")               # every prepared directory has these
-ALL_SPLITS = ("train", "val", "test")   # test only when test_fraction > 0
 PACKINGS = ("concat", "window")
 COMPRESSIONS = (None, "zstd", "gz", "bz2", "br", "snappy")  # MDS shard compression (streaming codecs)
 DTYPES = ("uint16", "uint32")
-MANIFEST, TOKENIZER, DOCUMENTS, INDEX = "manifest.json", "tokenizer.json", "documents.json", "index.json"
 SHARD_BYTES = 1 << 25      # 32 MiB shards: a few per GB of tokens, small enough to stream from a remote
-UNIT_BYTES = 1 << 20       # text per work unit: the grain of parallelism, progress and resume
 TOKENIZER_SAMPLE_BYTES = 256_000_000  # default BPE training sample: 256 MB of train text
 _STDLIB_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test"}
 
@@ -155,25 +147,12 @@ def _select(sized: list[tuple[Path, str, int]], max_bytes: int | None, seed: int
     return sorted(chosen)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    try:
-        for file in files:
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    return digest.hexdigest()
-
-
 def _scan(files: list[tuple[Path, str, int]], *, text_field: str, strict: bool) -> list[dict[str, Any]]:
     """readers.scan_file over every file: validated, chunked, checksummed (scan.json's `files`)."""
     scanned = []
     for path, kind, size in files:
         result = readers.scan_file(path, kind, text_field=text_field, chunk_bytes=UNIT_BYTES, strict=strict)
-        scanned.append({"path": str(path), "format": kind, "bytes": size, "sha256": _sha256_file(path),
+        scanned.append({"path": str(path), "format": kind, "bytes": size, "sha256": sha256_file(path),
                         "documents": sum(c.documents for c in result.chunks),
                         "text_bytes": sum(c.text_bytes for c in result.chunks), "empty": result.empty,
                         "undecodable": result.undecodable, "chunks": [c.to_json() for c in result.chunks]})
@@ -196,164 +175,6 @@ def _held_out(n_docs: int, val_fraction: float, test_fraction: float, seed: int)
     if n_test:
         out["test"] = sorted(int(i) for i in held[n_val:])
     return out
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A run of chunks (file index, chunk) whose documents have global ids [first_doc, first_doc + docs)."""
-    index: int
-    segments: tuple[tuple[int, tuple[int, ...]], ...]
-    first_doc: int
-    documents: int
-    text_bytes: int
-
-
-def _units(scanned: list[dict[str, Any]]) -> list[Unit]:
-    """Group consecutive chunks into units of about UNIT_BYTES of text, in document-id order."""
-    units: list[Unit] = []
-    segments: list[tuple[int, tuple[int, ...]]] = []
-    first = docs = text = 0
-    for f, file in enumerate(scanned):
-        for chunk in file["chunks"]:
-            if not chunk[3]:
-                continue
-            segments.append((f, tuple(chunk)))
-            docs, text = docs + chunk[3], text + chunk[4]
-            if text >= UNIT_BYTES:
-                units.append(Unit(len(units), tuple(segments), first, docs, text))
-                segments, first, docs, text = [], first + docs, 0, 0
-    if segments:
-        units.append(Unit(len(units), tuple(segments), first, docs, text))
-    return units
-
-
-def _unit_documents(scanned: list[dict[str, Any]], unit: Unit, text_field: str) -> Iterator[str]:
-    for f, chunk in unit.segments:
-        file = scanned[f]
-        yield from readers.read_chunk(Path(file["path"]), file["format"], readers.Chunk.from_json(list(chunk)),
-                                      text_field=text_field)
-
-
-def _unit_splits(unit: Unit, held: dict[str, list[int]]) -> np.ndarray:
-    """Split index (position in ALL_SPLITS) of each document of the unit."""
-    ids = np.arange(unit.first_doc, unit.first_doc + unit.documents)
-    out = np.zeros(unit.documents, dtype=np.int8)
-    for s, split in enumerate(ALL_SPLITS[1:], start=1):
-        out[np.isin(ids, np.asarray(held.get(split, []), dtype=np.int64))] = s
-    return out
-
-
-# ---------------------------------------------------------------- tokenizing units (worker side)
-
-_worker_tok: dict[str, Tokenizer] = {}  # per process: tokenizer path -> loaded tokenizer
-
-
-def _tokenize_unit(job: tuple) -> tuple[int, int, int]:
-    """Tokenize one unit into `units/NNNNNN.npz` (per split: `tokens` with EOS after each document and
-    `lengths` per document); returns (unit index, documents, tokens). Runs in worker processes."""
-    unit, scanned, held, tok_path, text_field, eos_id, dtype, units_dir = job
-    tok = _worker_tok.get(tok_path)
-    if tok is None:
-        tok = _worker_tok[tok_path] = Tokenizer.from_file(tok_path)
-    texts = list(_unit_documents(scanned, unit, text_field))
-    if len(texts) != unit.documents:
-        raise DataError(f"{scanned[unit.segments[0][0]]['path']}: {len(texts)} documents, the scan counted "
-                        f"{unit.documents}; did the file change during prep?")
-    ids = bpe.encode_documents(tok, texts, desc="", progress=False)
-    split_of = _unit_splits(unit, held)
-    arrays = {}
-    n_tokens = 0
-    for s, split in enumerate(ALL_SPLITS):
-        docs = [ids[i] + [eos_id] for i in np.flatnonzero(split_of == s)]
-        lengths = np.array([len(d) for d in docs], dtype=np.int64)
-        arrays[f"{split}_tokens"] = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
-        arrays[f"{split}_lengths"] = lengths
-        n_tokens += int(lengths.sum())
-    final = Path(units_dir) / f"{unit.index:06d}.npz"
-    part = final.with_name(f".{final.stem}.{os.getpid()}.part.npz")
-    np.savez(part, **arrays)
-    os.replace(part, final)
-    return unit.index, unit.documents, n_tokens
-
-
-_held_locks: set[int] = set()  # fds of partial-dir locks this process holds
-
-
-def _init_worker() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    for fd in _held_locks:  # a forked copy would keep the flock alive after the prep itself is killed
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-class _Progress:
-    """documents/s, tokens/s and ETA (by text bytes) on a tqdm bar, or a log line every 10 s."""
-
-    def __init__(self, total_bytes: int, done_bytes: int, show_bar: bool):
-        self.start, self.last_log = time.perf_counter(), time.perf_counter()
-        self.docs = self.tokens = 0
-        self.total, self.done, self.first_done = total_bytes, done_bytes, done_bytes
-        self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="tokenize",
-                        disable=not show_bar, leave=False, file=sys.stderr)
-
-    def update(self, docs: int, tokens: int, text_bytes: int) -> None:
-        self.docs, self.tokens, self.done = self.docs + docs, self.tokens + tokens, self.done + text_bytes
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = f"{self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tok/s"
-        self.bar.set_postfix_str(rate, refresh=False)
-        self.bar.update(text_bytes)
-        if self.bar.disable and time.perf_counter() - self.last_log > 10:
-            self.last_log = time.perf_counter()
-            speed = (self.done - self.first_done) / elapsed
-            eta = (self.total - self.done) / speed if speed else float("nan")
-            log.info("tokenize: %.0f%% of %.1f MB, %s, ETA %.0fs", 100 * self.done / max(self.total, 1),
-                     self.total / 1e6, rate, eta)
-
-    def close(self) -> dict[str, float]:
-        self.bar.close()
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"seconds": elapsed, "docs_per_s": self.docs / elapsed, "tokens_per_s": self.tokens / elapsed}
-
-
-def _tokenize_units(units: list[Unit], scanned: list[dict[str, Any]], held: dict[str, list[int]],
-                    tok_path: Path, text_field: str, eos_id: int, dtype: str, units_dir: Path,
-                    workers: int, show_bar: bool) -> dict[str, float]:
-    """Tokenize the units whose file is missing, over `workers` processes (1 = in this process)."""
-    todo = [u for u in units if not (units_dir / f"{u.index:06d}.npz").is_file()]
-    if len(todo) < len(units):
-        log.info("resuming prep: %d of %d work units already tokenized", len(units) - len(todo), len(units))
-    by_index = {u.index: u for u in todo}
-    progress = _Progress(sum(u.text_bytes for u in units),
-                         sum(u.text_bytes for u in units if u.index not in by_index), show_bar)
-    jobs = [(u, _files_of(scanned, u), _held_in(held, u), str(tok_path), text_field, eos_id, dtype,
-             str(units_dir)) for u in todo]
-    try:
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                index, docs, tokens = _tokenize_unit(job)
-                progress.update(docs, tokens, by_index[index].text_bytes)
-        else:
-            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-            with context.Pool(workers, initializer=_init_worker) as pool:
-                for index, docs, tokens in pool.imap_unordered(_tokenize_unit, jobs):
-                    progress.update(docs, tokens, by_index[index].text_bytes)
-    finally:
-        stats = progress.close()
-    return stats
-
-
-def _held_in(held: dict[str, list[int]], unit: Unit) -> dict[str, list[int]]:
-    """The held-out ids inside the unit's document range (jobs stay small when D is large)."""
-    lo, hi = unit.first_doc, unit.first_doc + unit.documents
-    return {s: ids[bisect.bisect_left(ids, lo): bisect.bisect_left(ids, hi)] for s, ids in held.items()}
-
-
-def _files_of(scanned: list[dict[str, Any]], unit: Unit) -> list[dict[str, Any]]:
-    """The scan entries a unit reads (others emptied: jobs are pickled to the workers)."""
-    needed = {f for f, _ in unit.segments}
-    return [{"path": s["path"], "format": s["format"]} if i in needed else {} for i, s in enumerate(scanned)]
 
 
 # ---------------------------------------------------------------- assembling shards from units
@@ -443,7 +264,7 @@ class _Partial:
         except BlockingIOError:
             self._lock.close()
             raise DataError(f"{out}: another fwpkm-prep is writing it (lock {self.root / 'lock'} is held)") from None
-        _held_locks.add(self._lock.fileno())
+        held_locks.add(self._lock.fileno())
         try:
             held = json.loads((self.root / "request.json").read_text())
         except (OSError, ValueError):
@@ -469,7 +290,7 @@ class _Partial:
 
     def close(self) -> None:
         if not self._lock.closed:
-            _held_locks.discard(self._lock.fileno())
+            held_locks.discard(self._lock.fileno())
             self._lock.close()
 
 
@@ -582,8 +403,8 @@ def _tokenizer(partial: _Partial, tokenizer_path: str | None, vocab_size: int, s
         random.Random(f"{seed}/tokenizer-sample").shuffle(order)
         for u in order:  # whole units in a seeded order, train documents only, until the sample is full
             unit = units[u]
-            train = _unit_splits(unit, held) == 0
-            for text, is_train in zip(_unit_documents(scanned, unit, text_field), train):
+            train = unit_splits(unit, held) == 0
+            for text, is_train in zip(unit_documents(scanned, unit, text_field), train):
                 if is_train:
                     texts.append(text)
                     total += len(text)
@@ -710,7 +531,7 @@ def _prepare(out: Path, partial: _Partial, request: dict[str, Any], source: dict
             log.warning("skipped %s: not UTF-8", f["path"])
     held = _held_out(n_docs, val_fraction, test_fraction, seed)
     splits = ("train", *held)
-    units = _units(scanned)
+    units = work_units(scanned, UNIT_BYTES)
 
     tok = _tokenizer(partial, tokenizer_path, vocab_size, tokenizer_sample_bytes, units, scanned, held,
                      text_field, seed)
@@ -725,7 +546,7 @@ def _prepare(out: Path, partial: _Partial, request: dict[str, Any], source: dict
         raise DataError(f"tokenizer {tokenizer_path or 'trained'}: vocab_size={vocab} does not fit {token_type} ids")
 
     t_tok = time.perf_counter()
-    stats = _tokenize_units(units, scanned, held, partial.root / TOKENIZER, text_field, eos_id, token_type,
+    stats = tokenize_units(units, scanned, held, partial.root / TOKENIZER, text_field, eos_id, token_type,
                             partial.root / "units", workers, progress)
     log.info("tokenized %d units: %.0f docs/s, %.0f tok/s (%d workers)", len(units), stats["docs_per_s"],
              stats["tokens_per_s"], workers)
@@ -770,113 +591,3 @@ def _prepare(out: Path, partial: _Partial, request: dict[str, Any], source: dict
     _install(final, out)
     log.info("assembled shards in %.1fs after tokenizing", time.perf_counter() - t_tok)
     return manifest
-
-
-def split_documents(data_path: str | os.PathLike, split: str) -> Iterator[str]:
-    """The documents of one split of a prepared directory, in packing order, re-read from the sources.
-
-    Raises:
-        DataError: a source file is gone or no longer matches its manifest checksum.
-    """
-    manifest = _parse_manifest(data_path)
-    documents = json.loads((Path(data_path) / DOCUMENTS).read_text())
-    held = {s: set(ids) for s, ids in documents["held_out"].items()}
-    text_field = manifest["source"]["text_field"]
-    doc_id = 0
-    for file in manifest["source"]["file_list"]:
-        if _sha256_file(Path(file["path"])) != file["sha256"]:
-            raise DataError(f"{file['path']}: changed since the prep at {data_path} (sha256 differs)")
-        scan = readers.scan_file(Path(file["path"]), file["format"], text_field=text_field,
-                                 chunk_bytes=UNIT_BYTES, strict=False)
-        for chunk in scan.chunks:
-            for text in readers.read_chunk(Path(file["path"]), file["format"], chunk, text_field=text_field):
-                in_split = next((s for s, ids in held.items() if doc_id in ids), "train")
-                if in_split == split:
-                    yield text
-                doc_id += 1
-
-
-# ---------------------------------------------------------------- reading a prepared directory
-
-_REQUIRED = ("format", "seq_len", "sample_len", "dtype", "vocab_size", "eos_id", "splits")
-
-
-def _parse_manifest(data_path: str | os.PathLike) -> dict[str, Any]:
-    """Parse and sanity-check manifest.json alone."""
-    path = Path(data_path) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; {data_path} is not a prepared dataset "
-                        f"(run fwpkm-prep --out {data_path})") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable or corrupt ({exc})") from None
-    missing = [k for k in _REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(_REQUIRED)
-    if missing:
-        raise DataError(f"{path}: corrupt, missing keys {missing}")
-    if manifest["format"] not in READABLE_FORMATS:
-        raise DataError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}; re-run fwpkm-prep")
-    if not set(SPLITS) <= set(manifest["splits"]) <= set(ALL_SPLITS):
-        raise DataError(f"{path}: corrupt, splits {sorted(manifest['splits'])} are not {list(SPLITS)} "
-                        "(+ test)")
-    return manifest
-
-
-def _check_shards(data_path: Path, split: str, manifest: dict[str, Any]) -> None:
-    """index.json exists, its sample count matches the manifest, every shard file has its size."""
-    index_path = data_path / split / INDEX
-    try:
-        index = json.loads(index_path.read_text())
-        shards = index["shards"]
-    except FileNotFoundError:
-        raise DataError(f"{index_path}: shard index missing; the prep at {data_path} is incomplete") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{index_path}: unreadable or corrupt ({exc})") from None
-    n_samples = sum(s["samples"] for s in shards)
-    if n_samples != manifest["splits"][split]["samples"]:
-        raise DataError(f"{index_path}: {n_samples} samples, manifest says {manifest['splits'][split]['samples']}")
-    column = f"ndarray:{manifest['dtype']}:{manifest['sample_len']}"
-    for shard in shards:
-        if shard.get("column_encodings", [column]) != [column]:
-            raise DataError(f"{index_path}: shards hold {shard['column_encodings']}, the manifest says {column}")
-        stored = shard.get("zip_data") or shard["raw_data"]  # compressed shards keep only the zip file
-        file = data_path / split / stored["basename"]
-        if not file.is_file() or file.stat().st_size != stored["bytes"]:
-            raise DataError(f"{file}: shard missing or truncated (expected {stored['bytes']} bytes)")
-
-
-def read_manifest(data_path: str | os.PathLike, *, check_shards: bool = True) -> dict[str, Any]:
-    """The manifest of a prepared directory, after checking the shard indexes and files agree with it.
-
-    `check_shards=False` checks manifest.json alone, for a directory whose shards are still remote.
-
-    Raises:
-        DataError: manifest missing or corrupt, shard index missing, sample counts or shard sizes off.
-    """
-    manifest = _parse_manifest(data_path)
-    if check_shards:
-        for split in manifest["splits"]:
-            _check_shards(Path(data_path), split, manifest)
-    return manifest
-
-
-def load_tokenizer(data_path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a prepared directory, checked against its manifest (vocab size and EOS id).
-
-    Raises:
-        DataError: tokenizer.json missing or corrupt, or disagreeing with manifest.json.
-    """
-    manifest = _parse_manifest(data_path)
-    path = Path(data_path) / TOKENIZER
-    if not path.is_file():
-        raise DataError(f"{path}: missing")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception on parse errors
-        raise DataError(f"{path}: corrupt ({exc})") from None
-    vocab = bpe.vocab_size_of(tok)
-    if vocab != manifest["vocab_size"]:
-        raise DataError(f"{path}: vocab size {vocab} != manifest vocab_size {manifest['vocab_size']}")
-    if tok.token_to_id(manifest.get("eos_token", bpe.EOS_TOKEN)) != manifest["eos_id"]:
-        raise DataError(f"{path}: EOS id differs from manifest eos_id {manifest['eos_id']}")
-    return tok

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 from fwpkm_megatron.config import DataConfig
-from fwpkm_megatron.data.prepare import ALL_SPLITS, MANIFEST, TOKENIZER, DataError, read_manifest
+from fwpkm_megatron.data.layout import ALL_SPLITS, MANIFEST, TOKENIZER, read_manifest
+from fwpkm_megatron.data.readers import DataError
 from fwpkm_megatron.data.streaming_compat import import_streaming
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import torch
 from fwpkm_megatron.config import DataConfig
 from fwpkm_megatron.data import (DataError, build_loader, existing_prep, load_tokenizer, prepare_corpus,
                                  read_manifest)
-from fwpkm_megatron.data import prepare, stream
+from fwpkm_megatron.data import layout, prepare, stream
 from fwpkm_megatron.data.streaming_compat import import_streaming
 from fwpkm_megatron.data.tokenizer import EOS_TOKEN
 
@@ -74,7 +74,7 @@ def shard_tokens(data: Path, split: str) -> np.ndarray:
 
 
 def split_documents(data: Path, split: str) -> list[str]:
-    return list(prepare.split_documents(data, split))
+    return list(layout.split_documents(data, split))
 
 
 def split_paths(data: Path, split: str) -> list[str]:

@@ -22,7 +22,7 @@ import pytest
 
 from fwpkm_megatron.config import DataConfig
 from fwpkm_megatron.data import DataError, build_loader, load_tokenizer, prepare_corpus, read_manifest
-from fwpkm_megatron.data import prepare
+from fwpkm_megatron.data import layout
 from fwpkm_megatron.data.streaming_compat import import_streaming
 
 SEQ_LEN = 16
@@ -55,7 +55,7 @@ def assert_packed(data: Path, split: str, docs: list[str]) -> None:
         ref += tok.encode(doc, add_special_tokens=False).ids + [manifest["eos_id"]]
     flat = shard_tokens(data, split).reshape(-1).tolist()
     assert flat == ref[: len(flat)] and len(ref) - len(flat) < SEQ_LEN + 1
-    assert list(prepare.split_documents(data, split)) == docs
+    assert list(layout.split_documents(data, split)) == docs
 
 
 def write_parquet(path: Path, rows: list[dict], row_group_size: int) -> None:

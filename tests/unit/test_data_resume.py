@@ -29,6 +29,7 @@ import torch
 from fwpkm_megatron.config import DataConfig
 from fwpkm_megatron.data import DataError, MixtureSource, build_loader, prepare_corpus, read_manifest
 from fwpkm_megatron.data import prepare
+from fwpkm_megatron.data import units as data_units
 from fwpkm_megatron.data.streaming_compat import import_streaming
 
 SEQ_LEN = 16
@@ -59,8 +60,8 @@ def corpus(tmp_path, monkeypatch) -> Path:
 
 def test_resumed_prep_matches_uninterrupted(corpus, monkeypatch):
     inputs = [str(corpus / "*.jsonl")]
-    real, calls = prepare._tokenize_unit, []
-    monkeypatch.setattr(prepare, "_tokenize_unit", lambda job: (calls.append(job[0].index), real(job))[1])
+    real, calls = data_units._tokenize_unit, []
+    monkeypatch.setattr(data_units, "_tokenize_unit", lambda job: (calls.append(job[0].index), real(job))[1])
     prepare_corpus(corpus / "ref", inputs=inputs, **KW)
     n_units, calls[:] = len(calls), []
 
@@ -70,12 +71,12 @@ def test_resumed_prep_matches_uninterrupted(corpus, monkeypatch):
         calls.append(job[0].index)
         return real(job)
 
-    monkeypatch.setattr(prepare, "_tokenize_unit", die_after_three)
+    monkeypatch.setattr(data_units, "_tokenize_unit", die_after_three)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(corpus / "out", inputs=inputs, **KW)
     assert not (corpus / "out").exists() and len(list((corpus / ".out.partial/units").glob("*.npz"))) == 3
     done, calls[:] = list(calls), []
-    monkeypatch.setattr(prepare, "_tokenize_unit", lambda job: (calls.append(job[0].index), real(job))[1])
+    monkeypatch.setattr(data_units, "_tokenize_unit", lambda job: (calls.append(job[0].index), real(job))[1])
     manifest = prepare_corpus(corpus / "out", inputs=inputs, **KW)
     assert n_units >= 8 and sorted(calls) == sorted(set(range(n_units)) - set(done))
     assert tree_bytes(corpus / "out") == tree_bytes(corpus / "ref")
@@ -88,13 +89,13 @@ def test_killed_parallel_prep_resumes_byte_identical(corpus):
     script = f"""
 import time, torch
 torch.set_num_threads(1)
-from fwpkm_megatron.data import prepare
+from fwpkm_megatron.data import prepare, units
 prepare.UNIT_BYTES = {UNIT}
-real = prepare._tokenize_unit
+real = units._tokenize_unit
 def slow(job):
     time.sleep(0.3)
     return real(job)
-prepare._tokenize_unit = slow
+units._tokenize_unit = slow
 prepare.prepare_corpus({str(corpus / 'out')!r}, inputs={inputs!r}, workers=2, **{KW!r})
 """
     child = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
