@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 def val_segments(data_path: str | Path, split: str = "val", limit: int | None = None) -> Iterator[torch.Tensor]:
     """The split's samples in storage order (documents in order), int64 [seq_len + 1] each."""
-    from fwpkm_megatron.data.prepare import read_manifest
+    from fwpkm_megatron.data.layout import read_manifest
     from fwpkm_megatron.data.streaming_compat import import_streaming
 
     read_manifest(data_path)
