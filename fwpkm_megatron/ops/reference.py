@@ -168,11 +168,13 @@ def chunk_targets(v: torch.Tensor, start: int, end: int, lookahead: int):
 
 
 def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, addr_loss_weight,
-                 value_lr, key_lr, score, addr_loss, detach_writes) -> ScanResult:
-    """One state shared by the whole batch, read-then-write per chunk."""
+                 value_lr, key_lr, score, addr_loss, detach_writes, written=None) -> ScanResult:
+    """One state shared by the whole batch, read-then-write per chunk (starting from `written` rows, if any)."""
     B, T, H, _ = q.shape
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys, values))
     table = RowOverlay(values)
+    if written is not None:
+        table.rows, table.row_values = written
     outs, idxs = [], []
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
@@ -212,15 +214,19 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
 def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead: int = 1,
                     eps: float = 1e-3, addr_loss_weight: float = 1.0, value_lr: float = 1.0,
                     key_lr: float = 1.0, score: str = "idw", addr_loss: bool = True,
-                    per_sequence: bool = False, detach_writes: bool = False) -> ScanResult:
+                    per_sequence: bool = False, detach_writes: bool = False,
+                    written: tuple[torch.Tensor, torch.Tensor] | None = None) -> ScanResult:
     """The chunked FwPKM scan, returning the written rows instead of a new full table.
 
     With `per_sequence`, every sequence starts from (keys, values) and its writes are private: the
     returned keys/rows describe no change to the shared state (keys is the input, rows empty).
     With `detach_writes` the writes carry no gradient (a first-order ablation; the paper has none).
+    `written` = (rows, row_values) from an earlier scan continues that state without materializing it
+    (a sequence-private memory kept as O(rows touched)); the result's rows then include them.
     """
     kw = dict(top_k=top_k, chunk_size=chunk_size, lookahead=lookahead, eps=eps, addr_loss_weight=addr_loss_weight,
-              value_lr=value_lr, key_lr=key_lr, score=score, addr_loss=addr_loss, detach_writes=detach_writes)
+              value_lr=value_lr, key_lr=key_lr, score=score, addr_loss=addr_loss, detach_writes=detach_writes,
+              written=written)
     if not per_sequence:
         return _scan_shared(q, v, g, keys, values, **kw)
     parts = [_scan_shared(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, **kw) for b in range(q.shape[0])]

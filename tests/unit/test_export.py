@@ -117,6 +117,21 @@ def test_exported_logits_match_megatron_per_sequence(exported):
         "per_sequence changed the stored fast weights"
 
 
+def test_per_sequence_memory_keeps_only_the_rows_it_wrote(exported):
+    """A sequence-private memory is the shared table plus its written rows: O(rows touched), never a copy."""
+    _, _, out = exported
+    hf = _hf(out)
+    ids = _tokens(2, SEQ, hf.config.vocab_size, seed=11)
+    with torch.no_grad():
+        memory = hf(ids, use_cache=True).cache.memory
+    shared = hf.fast_weights["layer_0"].values
+    for stream in memory.streams[0]:
+        rows, row_values = stream.written
+        assert stream.values is shared and 0 < rows.numel() <= SEQ * hf.config.fwpkm["topk"]
+        assert row_values.shape == (rows.numel(), shared.shape[1])
+        assert not torch.equal(stream.table()[rows], shared[rows])
+
+
 @pytest.mark.parametrize("carry", [False, True], ids=["training-cadence", "carry-lookahead"])
 def test_token_by_token_matches_one_chunked_call(exported, carry):
     run, _, out = exported

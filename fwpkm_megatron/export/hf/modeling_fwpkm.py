@@ -40,7 +40,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_fwpkm import POLICIES, FwPKMConfig
 from .fwpkm_integrity import verify_index
-from .fwpkm_reference import fwpkm_scan_rows, pkm_address, pkm_read
+from .fwpkm_reference import RowOverlay, fwpkm_scan_rows, pkm_address, pkm_read
 
 ZSCORE_EPS = 1e-6          # App. A.3: v <- (v - mean) / (std + 1e-6), unbiased std
 PKM_QUERY_NORM_EPS = 1e-6  # the static PKM's RMSNorm on its query
@@ -87,12 +87,12 @@ class _Stream:
     """Fast weights and pending queue of one FwPKM layer, for the batch rows that share one state.
 
     kind: "buffers" (persistent: writes go into the model's buffers in place), "private" (a sequence's
-    own copy-on-write state) or "frozen" (reads only).
+    own written rows over the shared table) or "frozen" (reads only).
     """
 
     def __init__(self, keys, values, kind: str):
         self.keys, self.values, self.kind = keys, values, kind
-        self.owned = False                                            # private: values cloned yet?
+        self.written = None  # private: (rows, row_values) written so far over the shared table, O(rows touched)
         self.q = self.v = self.g = None                               # queue [b, n, ...] of unwritten tokens
 
     @property
@@ -100,10 +100,14 @@ class _Stream:
         return 0 if self.q is None else self.q.shape[1]
 
     def clone(self) -> "_Stream":
-        """An independent stream (beam search): shares tensors until the first write."""
-        out = copy.copy(self)
-        out.owned = False
-        return out
+        """An independent stream (beam search): writes rebind, so sharing tensors is safe."""
+        return copy.copy(self)
+
+    def table(self) -> torch.Tensor:
+        """The full value table this stream reads (materialized for a private stream: O(N), for inspection)."""
+        if self.written is None:
+            return self.values
+        return self.values.index_copy(0, self.written[0], self.written[1].to(self.values.dtype))
 
     def commit(self, res) -> None:
         if self.kind == "buffers":
@@ -112,10 +116,8 @@ class _Stream:
                 self.values.index_copy_(0, res.rows, res.row_values.detach().to(self.values.dtype))
             return
         self.keys = res.keys.detach()
-        if res.rows.numel():
-            if not self.owned:
-                self.values, self.owned = self.values.clone(), True
-            self.values.index_copy_(0, res.rows, res.row_values.detach().to(self.values.dtype))
+        if res.rows.numel():  # the scan continued from self.written, so its rows include the earlier ones
+            self.written = (res.rows, res.row_values.detach())
 
 
 class FwPKMMemory:
@@ -160,7 +162,7 @@ class FwPKMMemory:
         """(keys, values) that row `row` of layer `layer_id` currently reads."""
         streams = self.streams[layer_id]
         s = streams[row] if self.policy == "per_sequence" else streams[0]
-        return s.keys, s.values
+        return s.keys, s.table()
 
     def pending(self, layer_id: int, row: int = 0) -> int:
         streams = self.streams[layer_id]
@@ -258,7 +260,13 @@ class FwPKMBranch(nn.Module):
         b, n, H, _ = q.shape
         addr = pkm_address(q.reshape(b * n, H, -1), stream.keys, topk=self.cfg["topk"], score=self.cfg["score"],
                            eps=self.cfg["eps"])
-        return pkm_read(stream.values, addr.idx, addr.weight).view(b, n, -1), addr.idx.view(b, n, H, -1)
+        if stream.written is None:
+            v_hat = pkm_read(stream.values, addr.idx, addr.weight)
+        else:  # a private memory: the shared table overlaid with this sequence's written rows
+            table = RowOverlay(stream.values)
+            table.rows, table.row_values = stream.written
+            v_hat = torch.einsum("mhk,mhkd->md", addr.weight, table.gather(addr.idx).to(addr.weight.dtype))
+        return v_hat.view(b, n, -1), addr.idx.view(b, n, H, -1)
 
     def _write(self, stream: _Stream, Q, V, G, lo: int, hi: int, chunk: int, carry: bool):
         """Read-then-write the queued tokens [lo, hi) as chunks of `chunk` with the reference scan; commit.
@@ -273,10 +281,11 @@ class FwPKMBranch(nn.Module):
             with torch.inference_mode(False):
                 args = tuple(t.clone() for t in args)
                 res = fwpkm_scan_rows(*args, stream.keys.clone(), stream.values, lookahead=0 if carry else la,
-                                      **self._scan_kwargs(chunk))
+                                      written=stream.written, **self._scan_kwargs(chunk))
                 stream.commit(res)
             return res
-        res = fwpkm_scan_rows(*args, stream.keys, stream.values, lookahead=0 if carry else la, **self._scan_kwargs(chunk))
+        res = fwpkm_scan_rows(*args, stream.keys, stream.values, lookahead=0 if carry else la, written=stream.written,
+                              **self._scan_kwargs(chunk))
         stream.commit(res)
         return res
 
