@@ -69,7 +69,9 @@ def pkm_read(values, idx, weight, *, backend: str = "auto"):
 def fwpkm_scan_rows(q, v, g, keys, values, *, backend: str = "auto", **kw) -> ScanResult:
     """Chunked FwPKM scan returning written rows (see `reference.fwpkm_scan_rows`)."""
     if resolve_backend(backend, q.device) == "triton":
-        return _kernels().fwpkm_scan_rows(q, v, g, keys, values, **kw)
+        if kw.get("written") is not None:
+            raise NotImplementedError("continuing from `written` rows is reference-only; use backend='reference'")
+        return _kernels().fwpkm_scan_rows(q, v, g, keys, values, **{k: x for k, x in kw.items() if k != "written"})
     return reference.fwpkm_scan_rows(q, v, g, keys, values, **kw)
 
 
