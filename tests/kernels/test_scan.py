@@ -20,6 +20,7 @@ import torch
 
 from fwpkm_megatron import ops
 from fwpkm_megatron.config import FwPKMConfig, PKMConfig
+from fwpkm_megatron.ops.testing import random_scan_inputs
 from fwpkm_megatron.memory import PKMMLP, FwPKMBlock
 from fwpkm_megatron.ops import reference
 from fwpkm_megatron.ops.triton import scan
@@ -39,13 +40,7 @@ CASES = {  # B, T, H, R, d_k, d_v, scan options
 
 
 def make_inputs(B, T, H, R, d_k, d_v, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, d_k, generator=gen) * 0.5
-    v = torch.randn(B, T, d_v, generator=gen)
-    g = torch.rand(B, T, generator=gen) * 0.8 + 0.1
-    keys = torch.randn(H, 2, R, d_k // 2, generator=gen) * 0.5
-    values = torch.randn(R * R, d_v, generator=gen)
-    return [t.to(device).requires_grad_() for t in (q, v, g, keys, values)]
+    return [t.to(device).requires_grad_() for t in random_scan_inputs(B, T, H, R, d_k, d_v, seed=seed)]
 
 
 def grads(outs, cots, inputs):

@@ -12,6 +12,7 @@ import torch
 
 from fwpkm_megatron import ops
 from fwpkm_megatron.ops import reference
+from fwpkm_megatron.ops.testing import random_scan_inputs
 
 
 
@@ -23,13 +24,7 @@ def float64_default():
 
 
 def make_inputs(B=2, T=11, H=1, R=5, d_k=6, d_v=4, seed=0, requires_grad=False):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, d_k, generator=gen) * 0.5
-    v = torch.randn(B, T, d_v, generator=gen)
-    g = torch.rand(B, T, generator=gen) * 0.8 + 0.1
-    keys = torch.randn(H, 2, R, d_k // 2, generator=gen) * 0.5
-    values = torch.randn(R * R, d_v, generator=gen)
-    tensors = (q, v, g, keys, values)
+    tensors = random_scan_inputs(B, T, H, R, d_k, d_v, seed=seed)
     if requires_grad:
         tensors = tuple(t.clone().requires_grad_() for t in tensors)
     return tensors
