@@ -199,6 +199,7 @@ class ParallelConfig:
     """Parallel layout (docs/parallelism.md). DP is inferred: world size / (tp * pp)."""
 
     tp: int = 1                  # tensor-parallel size; memory tables are column-sharded along d_v over it
+    memory_parallel: int = 1     # M: data-parallel ranks sharing one FwPKM table (columns over TP x M), M | DP
     pp: int = 1                  # pipeline stages
     vpp: int = 1                 # virtual stages per pipeline rank (> 1: interleaved 1F1B)
     num_microbatches: int = 1    # micro-batches per step on each DP rank (a pipeline needs >= pp)
@@ -209,7 +210,7 @@ class ParallelConfig:
 
     def problems(self) -> list[str]:
         p = [f"parallel.{n}={getattr(self, n)}: must be >= 1"
-             for n in ("tp", "pp", "vpp", "num_microbatches") if getattr(self, n) < 1]
+             for n in ("tp", "pp", "vpp", "num_microbatches", "memory_parallel") if getattr(self, n) < 1]
         if self.dp_sync not in DP_SYNC:
             p.append(f"parallel.dp_sync={self.dp_sync!r}: must be one of {DP_SYNC}")
         if self.dist_backend not in ("auto", "gloo", "nccl"):
@@ -283,6 +284,8 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
                      "supported at tp=1")
         if m.vocab_size is not None and m.vocab_size % tp:
             p.append(f"parallel.tp={tp}: must divide model.vocab_size={m.vocab_size}")
+        if par.memory_parallel > 1:
+            p += _memory_parallel_problems(run, tp, par.memory_parallel, world_size)
     if pp >= 1 and vpp >= 1 and m.num_layers % (pp * vpp):
         p.append(f"model.num_layers={m.num_layers}: must be divisible by parallel.pp * parallel.vpp = "
                  f"{pp} * {vpp} = {pp * vpp}")
@@ -297,6 +300,29 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
                  "cross-stage tied-embedding sum); use zero_stage=1")
     if world_size is not None and tp >= 1 and pp >= 1 and world_size % (tp * pp):
         p.append(f"world size {world_size}: must be divisible by parallel.tp * parallel.pp = {tp} * {pp} = {tp * pp}")
+    return p
+
+
+def _memory_parallel_problems(run: RunConfig, tp: int, mp: int, world_size: int | None) -> list[str]:
+    """Rules of parallel.memory_parallel = M > 1 (memory groups of M data-parallel ranks)."""
+    par, f, p = run.parallel, run.fwpkm, []
+    key = f"parallel.memory_parallel={mp}"
+    if not f.layers:
+        p.append(f"{key}: shards FwPKM tables, but fwpkm.layers is empty")
+        return p
+    if f.d_v % (tp * mp):
+        p.append(f"{key} with parallel.tp={tp}: fwpkm.d_v={f.d_v} must be divisible by tp * memory_parallel = "
+                 f"{tp * mp} (tables are column-sharded over TP x M)")
+    if not f.addr_loss:
+        p.append(f"{key}: fwpkm.addr_loss=false (keys moved by the MSE over d_v) is only supported at "
+                 "memory_parallel=1")
+    if f.backend == "triton":
+        p.append(f"{key}: fwpkm.backend=triton has no memory-group exchange; use auto or reference")
+    if world_size is not None and par.tp >= 1 and par.pp >= 1 and world_size % (par.tp * par.pp) == 0:
+        dp = world_size // (par.tp * par.pp)
+        if dp % mp:
+            p.append(f"{key}: must divide the data-parallel size {dp} (world size {world_size} / "
+                     f"(parallel.tp * parallel.pp = {par.tp * par.pp}))")
     return p
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from .. import ops
 from ..config import FwPKMConfig
-from ..parallel.recompute import in_first_checkpointed_pass, in_recompute
-from ..parallel.sharding import copy_to, feature_sum, group_size, row_parallel_linear
+from .comm import LOCAL, LayerComm, TableShard
+from .recompute import in_first_checkpointed_pass, in_recompute
 from .state import FastWeightState
 
 ZSCORE_EPS = 1e-6  # App. A.3: v <- (v - mean) / (std + 1e-6), torch's unbiased std
@@ -27,34 +27,35 @@ class ZeroCenteredRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
-        self.tp_group = None  # set when the normalized dim is column-sharded over TP ranks
+        self.tp_group = None  # set when the normalized dim is column-sharded over TP ranks (checkpoint view)
+        self.comm: LayerComm = LOCAL  # its TP collectives (parallel/sharding.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        if self.tp_group is None:
+        if self.comm.tp_size == 1:
             mean_square = x32.square().mean(-1, keepdim=True)
         else:  # the mean square runs over every shard's columns
-            mean_square = feature_sum(x32.square(), self.tp_group) / (x32.shape[-1] * group_size(self.tp_group))
+            mean_square = self.comm.feature_sum(x32.square()) / (x32.shape[-1] * self.comm.tp_size)
         return (x32 * torch.rsqrt(mean_square + self.eps) * (1 + self.weight.float())).to(x.dtype)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """dist_checkpointing view: the weight is split over TP (axis 0) when the normalized dim is."""
-        from ..parallel.dist_checkpoint import sharded_tensors
+        from .checkpoint import sharded_tensors
 
         return sharded_tensors({"weight": self.weight}, prefix, sharded_offsets, metadata,
                                tp_axes={"weight": 0} if self.tp_group is not None else {}, tp_group=self.tp_group)
 
 
-def zscore(v: torch.Tensor, group=None) -> torch.Tensor:
+def zscore(v: torch.Tensor, comm: LayerComm = LOCAL) -> torch.Tensor:
     """Standardize along the feature dim (App. A.3), used both as target and in the residual mix.
 
-    With a TP group, v holds this rank's columns and the mean and (unbiased) std run over all of them.
+    Under TP, v holds this rank's columns and the mean and (unbiased) std run over all of them.
     """
-    if group is None:
+    if comm.tp_size == 1:
         return (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + ZSCORE_EPS)
-    d = v.shape[-1] * group_size(group)
-    centered = v - feature_sum(v, group) / d
-    return centered / ((feature_sum(centered.square(), group) / (d - 1)).sqrt() + ZSCORE_EPS)
+    d = v.shape[-1] * comm.tp_size
+    centered = v - comm.feature_sum(v) / d
+    return centered / ((comm.feature_sum(centered.square()) / (d - 1)).sqrt() + ZSCORE_EPS)
 
 
 def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
@@ -84,10 +85,11 @@ class FwPKMBlock(nn.Module):
         config: megatron TransformerConfig (hidden_size, init_method_std, layernorm_epsilon).
         cfg: FwPKMConfig (table size, top-k, chunk, ablation switches, fast-weight policy).
         layer_id: 0-indexed global layer id (for names in logs).
+        shard: the d_v columns of the value table this rank holds (TP x memory-parallel; default all).
     Input and output are [s, b, h] (megatron's layout); the output is the branch, added by the caller.
     """
 
-    def __init__(self, config, cfg: FwPKMConfig, layer_id: int):
+    def __init__(self, config, cfg: FwPKMConfig, layer_id: int, shard: TableShard | None = None):
         super().__init__()
         self.cfg = cfg
         self.layer_id = layer_id
@@ -99,26 +101,27 @@ class FwPKMBlock(nn.Module):
         self.out_norm, self.out_proj = ZeroCenteredRMSNorm(cfg.d_v, eps), _linear(cfg.d_v, h, std)
         # drawn from the global RNG, so the initial memory follows the run's seed
         self.state = FastWeightState(num_slots=cfg.num_slots, d_k=cfg.d_k, d_v=cfg.d_v, heads=cfg.heads,
-                                     init_seed=int(torch.randint(2**62, ())))
+                                     init_seed=int(torch.randint(2**62, ())), shard=shard)
         self.last_reads: torch.Tensor | None = None   # [b, s, H, k] slots read by the last forward
         self.last_gate: torch.Tensor | None = None    # [b, s] gates of the last forward
-        self.tp_group = None  # set by parallel.sharding: v, the table and out_norm hold a d_v column slice
+        self.tp_group = None  # set by parallel.sharding: v and out_norm hold a d_v column slice over TP
+        self.comm: LayerComm = LOCAL  # TP collectives and the memory-group exchange (parallel/sharding.py)
         # full recompute: (keys, rows read, their values) of each first pass, popped by its recompute
         self._recompute_stash: deque = deque()
 
     def project(self, x: torch.Tensor):
         """Slow-weight inputs of the memory (method 3.1), in fp32: q [b,s,H,d_k], v [b,s,d_v], g [b,s] or None."""
         b, s, _ = x.shape
-        tp = self.tp_group  # None: single process; else q and g are replicated, v is this rank's columns
-        q = copy_to(self.q_proj(self.q_norm(x)).float().view(b, s, self.cfg.heads, self.cfg.d_k), tp)
-        v = self.v_proj(copy_to(self.v_norm(x), tp)).float()
+        comm = self.comm  # q and g are replicated over TP, v is this TP rank's columns
+        q = comm.copy_to(self.q_proj(self.q_norm(x)).float().view(b, s, self.cfg.heads, self.cfg.d_k))
+        v = self.v_proj(comm.copy_to(self.v_norm(x))).float()
         if self.cfg.value_zscore:
-            v = zscore(v, tp)
-        g = copy_to(torch.sigmoid(self.gate_proj(self.gate_norm(x)).float()).squeeze(-1), tp) if self.cfg.gate else None
+            v = zscore(v, comm)
+        g = comm.copy_to(torch.sigmoid(self.gate_proj(self.gate_norm(x)).float()).squeeze(-1)) if self.cfg.gate else None
         return q, v, g
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
+        cfg, comm = self.cfg, self.comm
         x = hidden_states.transpose(0, 1)                                    # [b, s, h]
         q, v, g = self.project(x)
         loss_weight = g if (g is not None and cfg.gate_weighted_loss) else torch.ones_like(v[..., 0])
@@ -126,22 +129,30 @@ class FwPKMBlock(nn.Module):
         scan_in = (q, v, loss_weight)
         if not self.training:  # eval: first-order writes, no graph through them
             scan_in = tuple(t.detach() for t in scan_in)
-        keys, values, recompute = self.state.keys, self.state.values, False
+        keys, values, written, recompute = self.state.keys, self.state.values, None, False
         if self.training and in_recompute():  # read what the first pass read; write nothing (never twice)
             keys, rows, old = self._recompute_stash.popleft()
-            values, recompute = values.index_copy(0, rows, old), True  # O(N) transient, O(rows) kept
+            recompute = True
+            if comm.exchange is not None or ops.resolve_backend(cfg.backend, values.device) == "reference":
+                written = (rows, old)  # the old rows over the table: O(rows)
+            else:  # the Triton scan cannot start from written rows: one O(local slice) transient
+                values = values.index_copy(0, rows, old)
+        extra = {} if comm.exchange is None else {"exchange": comm.exchange}
+        if written is not None:
+            extra["written"] = written
         res = ops.fwpkm_scan_rows(
             *scan_in, keys, values, backend=cfg.backend, top_k=cfg.topk,
             chunk_size=cfg.chunk_size, lookahead=cfg.lookahead, eps=cfg.eps, addr_loss_weight=cfg.addr_loss_weight,
             value_lr=cfg.value_lr, key_lr=cfg.key_lr, score=cfg.score, addr_loss=cfg.addr_loss,
-            per_sequence=per_sequence, detach_writes=cfg.detach_writes)
+            per_sequence=per_sequence, detach_writes=cfg.detach_writes, **extra)
         if self.training and in_first_checkpointed_pass():
-            rows = torch.unique(res.idx)  # every row the scan read; its written rows are among them
+            # every row this rank's columns served (the whole memory group's reads); written rows are among them
+            rows = torch.unique(res.idx if res.group_idx is None else res.group_idx)
             self._recompute_stash.append((keys, rows, values[rows].clone()))
         if not per_sequence and not recompute:  # persistent: the state after the last chunk carries on
             self.state.commit(res.keys, res.rows, res.row_values)
         mixed = res.v_hat if g is None else g[..., None] * res.v_hat + (1 - g[..., None]) * v     # Eq. 12
-        out = row_parallel_linear(self.out_proj, self.out_norm(mixed.to(hidden_states.dtype)), self.tp_group)
+        out = comm.row_parallel_linear(self.out_proj, self.out_norm(mixed.to(hidden_states.dtype)))
         self.last_reads = res.idx.detach()
         self.last_gate = None if g is None else g.detach()
         return out.transpose(0, 1)                                           # [s, b, h]
@@ -150,7 +161,7 @@ class FwPKMBlock(nn.Module):
         """dist_checkpointing view (parallel/dist_checkpoint.py): v_proj column-parallel (axis 0),
         out_proj row-parallel (weight axis 1, bias replicated), q/gate projections replicated;
         the norms and the fast-weight state declare their own."""
-        from ..parallel.dist_checkpoint import child_tensors, sharded_tensors
+        from .checkpoint import child_tensors, sharded_tensors
 
         out = sharded_tensors(child_tensors(self, ["q_proj", "v_proj", "gate_proj", "out_proj"]), prefix,
                               sharded_offsets, metadata, tp_group=self.tp_group,

@@ -65,7 +65,8 @@ def transformer_config(run: RunConfig, **overrides) -> TransformerConfig:
 
 
 def build_model(run: RunConfig, vocab_size: int, *, config: TransformerConfig | None = None,
-                pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
+                pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                shards=(None, None)) -> GPTModel:
     """Build the GPT for `run` (this pipeline stage's part of it).
 
     Args:
@@ -74,6 +75,7 @@ def build_model(run: RunConfig, vocab_size: int, *, config: TransformerConfig | 
         config: a TransformerConfig to use instead of `transformer_config(run)` (the parallel layer's).
         pre_process / post_process: whether this stage holds the embedding / the output layer and loss.
         vp_stage: virtual pipeline stage, or None.
+        shards: (FwPKM, PKM) `memory.comm.TableShard`: the table columns this rank allocates (parallel layer's).
 
     Returns:
         megatron's GPTModel, with the shared `WindowControl` as `model.window_control`.
@@ -82,7 +84,7 @@ def build_model(run: RunConfig, vocab_size: int, *, config: TransformerConfig | 
     window_control = WindowControl.from_config(run.model)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(run, config, window_control, vp_stage=vp_stage),
+        transformer_layer_spec=block_spec(run, config, window_control, vp_stage=vp_stage, shards=shards),
         vocab_size=vocab_size,
         max_sequence_length=run.model.max_seq_len,
         pre_process=pre_process,

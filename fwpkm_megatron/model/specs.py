@@ -41,14 +41,14 @@ class MemoryTransformerLayer(TransformerLayer):
     """
 
     def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1, hidden_dropout=None,
-                 pg_collection=None, vp_stage=None, *, fwpkm: FwPKMConfig):
+                 pg_collection=None, vp_stage=None, *, fwpkm: FwPKMConfig, fwpkm_shard=None):
         super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
                          pg_collection=pg_collection, vp_stage=vp_stage)
         self.layer_id = self.layer_number - 1  # 0-indexed, global (pipeline offset included)
         self.fwpkm = None
         if self.layer_id in fwpkm.layers:
             from fwpkm_megatron.memory.fwpkm import FwPKMBlock
-            self.fwpkm = FwPKMBlock(config, fwpkm, self.layer_id)
+            self.fwpkm = FwPKMBlock(config, fwpkm, self.layer_id, shard=fwpkm_shard)
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.fwpkm is not None:
@@ -56,14 +56,16 @@ class MemoryTransformerLayer(TransformerLayer):
         return super().forward(hidden_states, *args, **kwargs)
 
 
-def _pkm_mlp_spec(run: RunConfig) -> ModuleSpec:
+def _pkm_mlp_spec(run: RunConfig, shard=None) -> ModuleSpec:
     """The static PKM for the MLP slot (imported here, only when a layer needs it)."""
     from fwpkm_megatron.memory.pkm import PKMMLP
-    return ModuleSpec(module=PKMMLP, params={"cfg": run.pkm})
+    return ModuleSpec(module=PKMMLP, params={"cfg": run.pkm, "shard": shard})
 
 
-def layer_specs(run: RunConfig, window_control: WindowControl) -> list[ModuleSpec]:
-    """One layer spec per global layer (index = 0-indexed layer id), before any pipeline slicing."""
+def layer_specs(run: RunConfig, window_control: WindowControl, shards=(None, None)) -> list[ModuleSpec]:
+    """One layer spec per global layer (index = 0-indexed layer id), before any pipeline slicing.
+
+    `shards` = the (FwPKM, PKM) `memory.comm.TableShard` this rank builds its tables as (None: whole)."""
     base = get_gpt_layer_local_spec(normalization="RMSNorm")
     attention = base.submodules.self_attention
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(
@@ -71,8 +73,8 @@ def layer_specs(run: RunConfig, window_control: WindowControl) -> list[ModuleSpe
         core_attention=ModuleSpec(module=WindowedDotProductAttention, params={"window_control": window_control}),
     ))
     dense = dataclasses.replace(base.submodules, self_attention=attention)
-    pkm = dataclasses.replace(dense, mlp=_pkm_mlp_spec(run)) if run.pkm.layers else None
-    params = {"fwpkm": run.fwpkm}
+    pkm = dataclasses.replace(dense, mlp=_pkm_mlp_spec(run, shards[1])) if run.pkm.layers else None
+    params = {"fwpkm": run.fwpkm, "fwpkm_shard": shards[0]}
     return [
         ModuleSpec(module=MemoryTransformerLayer, params=params,
                    submodules=pkm if layer_id in run.pkm.layers else dense)
@@ -81,14 +83,14 @@ def layer_specs(run: RunConfig, window_control: WindowControl) -> list[ModuleSpe
 
 
 def block_spec(run: RunConfig, config: TransformerConfig, window_control: WindowControl,
-               vp_stage: int | None = None, pp_rank: int | None = None) -> TransformerBlockSubmodules:
+               vp_stage: int | None = None, pp_rank: int | None = None, shards=(None, None)) -> TransformerBlockSubmodules:
     """The decoder block spec for this pipeline stage: its slice of `layer_specs` and the final norm.
 
     Args:
         vp_stage: virtual pipeline stage, or None without interleaving.
         pp_rank: pipeline rank; None reads it from megatron's parallel state.
     """
-    full = layer_specs(run, window_control)
+    full = layer_specs(run, window_control, shards)
     if config.pipeline_model_parallel_layout is not None:
         ids = config.pipeline_model_parallel_layout.get_layer_id_list(
             layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)

@@ -11,7 +11,7 @@ import os
 import torch
 
 from . import reference
-from .reference import Address, ScanResult, addressing_loss
+from .reference import Address, ScanResult, TokenExchange, addressing_loss
 
 BACKENDS = ("auto", "reference", "triton")
 _TRUE = ("1", "true", "yes", "on")
@@ -67,7 +67,16 @@ def pkm_read(values, idx, weight, *, backend: str = "auto"):
 
 
 def fwpkm_scan_rows(q, v, g, keys, values, *, backend: str = "auto", **kw) -> ScanResult:
-    """Chunked FwPKM scan returning written rows (see `reference.fwpkm_scan_rows`)."""
+    """Chunked FwPKM scan returning written rows (see `reference.fwpkm_scan_rows`).
+
+    A memory group (`exchange`, M > 1) runs the reference scan: `auto` picks it on any device; an
+    explicit `triton` is refused (the kernels have no group exchange yet).
+    """
+    if kw.get("exchange") is not None:
+        if backend == "triton" or os.environ.get("FWPKM_BACKEND") == "triton":
+            raise NotImplementedError("a memory group (parallel.memory_parallel > 1) runs the reference scan; "
+                                      "use fwpkm.backend=auto or reference")
+        return reference.fwpkm_scan_rows(q, v, g, keys, values, **kw)
     if resolve_backend(backend, q.device) == "triton":
         if kw.get("written") is not None:
             raise NotImplementedError("continuing from `written` rows is reference-only; use backend='reference'")
@@ -82,5 +91,5 @@ def fwpkm_scan(q, v, g, keys, values, *, backend: str = "auto", **kw):
     return reference.fwpkm_scan(q, v, g, keys, values, **kw)
 
 
-__all__ = ["Address", "ScanResult", "addressing_loss", "fwpkm_scan", "fwpkm_scan_rows", "pkm_address", "pkm_read",
+__all__ = ["Address", "ScanResult", "TokenExchange", "addressing_loss", "fwpkm_scan", "fwpkm_scan_rows", "pkm_address", "pkm_read",
            "resolve_backend"]

@@ -153,6 +153,7 @@ class ScanResult(NamedTuple):
     rows: torch.Tensor         # [U] slots written during the scan (sorted unique)
     row_values: torch.Tensor   # [U, d_v] their values after the last chunk
     idx: torch.Tensor          # [B, T, H, k] slots read by each token
+    group_idx: torch.Tensor | None = None  # [M*B, T, H, k] slots read by the memory group's tokens (M > 1)
 
 
 def chunk_targets(v: torch.Tensor, start: int, end: int, lookahead: int):
@@ -211,11 +212,129 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
     return ScanResult(torch.cat(outs, 1), keys, table.rows, table.row_values, torch.cat(idxs, 1))
 
 
+class TokenExchange:
+    """The memory group of a scan: M processes whose token batches read and write one table together.
+
+    Each process holds the same keys and columns `d/M` of the table (its slice of the value width d it
+    would otherwise hold); tokens are ordered by process, then batch. The parallel layer supplies the
+    communicating implementation (parallel/sharding.py); every method here is the M = 1 identity.
+    Floating-point methods are differentiable: their backward is the transposed exchange.
+    """
+
+    size = 1
+
+    def gather_tokens(self, x: torch.Tensor, what: str = "") -> torch.Tensor:
+        """[B, ...] of this process -> [M*B, ...] of the group (the same on every process)."""
+        return x
+
+    def tokens_to_columns(self, x: torch.Tensor, what: str = "") -> torch.Tensor:
+        """[B, C, d] of this process's tokens -> [M*B, C, d/M]: the group's tokens, this process's columns."""
+        return x
+
+    def columns_to_tokens(self, x: torch.Tensor, what: str = "") -> torch.Tensor:
+        """The inverse of `tokens_to_columns`: [M*B, C, d/M] -> [B, C, d]."""
+        return x
+
+    def sum(self, x: torch.Tensor, what: str = "") -> torch.Tensor:
+        """Sum over the group (differentiable: the backward sums the gradients too)."""
+        return x
+
+
+def group_addressing_grad(address: Address, keys: torch.Tensor, exchange: TokenExchange, *, weight: float,
+                          retain_graph: bool, create_graph: bool) -> torch.Tensor:
+    """Gradient w.r.t. the (group-replicated) keys of `weight * addressing_loss` over the group's rows.
+
+    p_bar averages every process's rows, so each process computes its rows' usage sums, the group sums
+    them, and each process back-propagates the shared slope dL/dp_bar = log(p_bar + eps) + p_bar/(p_bar + eps)
+    through its own rows only; the group then sums those gradients. Every collective sits in the
+    forward graph, so with `create_graph` the second-order path through the key writes stays exact.
+    """
+    usage = []
+    for s, top in zip(address.sub_scores, address.sub_topk):
+        masked = torch.full_like(s, float("-inf")).scatter(-1, top, s.gather(-1, top))
+        usage.append(masked.softmax(-1).flatten(0, 1).sum(0))      # [R] this process's rows
+    local = torch.stack(usage)                                     # [2, R]
+    rows = address.sub_scores[0].shape[0] * address.sub_scores[0].shape[1] * exchange.size
+    p_bar = exchange.sum(local, "keys") / rows
+    slope = weight * (torch.log(p_bar + ENTROPY_EPS) + p_bar / (p_bar + ENTROPY_EPS)) / rows
+    (grad,) = torch.autograd.grad(local, keys, grad_outputs=slope, retain_graph=retain_graph,
+                                  create_graph=create_graph)
+    return exchange.sum(grad, "keys")
+
+
+def _scan_group(q, v, g, keys, values, exchange: TokenExchange, *, private: bool, top_k, chunk_size, lookahead,
+                eps, addr_loss_weight, value_lr, key_lr, score, addr_loss, detach_writes, written=None) -> ScanResult:
+    """`_scan_shared` for a memory group: the M processes' B sequences each, read and written as one batch.
+
+    This process holds columns d/M of the table (`values`) and its tokens' q, v columns d and gates.
+    Per chunk: addresses and gates are gathered over the group, targets scattered to their columns'
+    owners; each process reads and writes its columns for all M*B sequences (`value_write`, counts and
+    the B*C/M factor over the group), and the reads go back to their tokens. With `private` every
+    group sequence writes its own copy-on-write view and moves its own keys (per_sequence, B = 1).
+    """
+    if not addr_loss:
+        raise ValueError("a memory group (M > 1) needs the addressing loss (addr_loss=True)")
+    B, T, H, _ = q.shape
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys, values))
+    group_size = exchange.size * B
+    tables = [RowOverlay(values) for _ in range(group_size if private else 1)]
+    if written is not None:
+        for table in tables:
+            table.rows, table.row_values = written
+    per = group_size // len(tables)  # sequences per table
+    outs, idxs, group_idxs = [], [], []
+    for start in range(0, T, chunk_size):
+        end = min(start + chunk_size, T)
+        C = end - start
+        target, has = chunk_targets(v, start, end, lookahead)
+        with torch.enable_grad():  # the key step needs autograd even in eval (then first-order only)
+            k_in = keys if differentiable and keys.requires_grad else keys.detach().requires_grad_()
+            addr = pkm_address(q[:, start:end].reshape(B * C, H, -1), k_in, topk=top_k, score=score, eps=eps)
+            create = differentiable and not detach_writes
+            if private:
+                (key_grad,) = torch.autograd.grad(addr_loss_weight * addressing_loss(addr), k_in,
+                                                  retain_graph=differentiable, create_graph=create)
+            else:
+                key_grad = group_addressing_grad(addr, k_in, exchange, weight=addr_loss_weight,
+                                                 retain_graph=differentiable, create_graph=create)
+        idx = addr.idx.view(B, C, H, top_k)
+        weight = addr.weight.view(B, C, H, top_k)
+        if not differentiable:
+            weight = weight.detach()
+        idx_all = exchange.gather_tokens(idx, "read")                    # [M*B, C, H, k]
+        weight_all = exchange.gather_tokens(weight, "read")
+        v_cols = torch.cat([
+            torch.einsum("mhk,mhkd->md", weight_all[i * per:(i + 1) * per].reshape(-1, H, top_k),
+                         table.gather(idx_all[i * per:(i + 1) * per].reshape(-1, H, top_k)))
+            for i, table in enumerate(tables)]).view(group_size, C, -1)   # [M*B, C, d/M]
+        v_hat = exchange.columns_to_tokens(v_cols, "read")               # [B, C, d]
+        gate_all = exchange.gather_tokens(g[:, start:end], "write")
+        target_cols = exchange.tokens_to_columns(target, "write")
+        w_in = (weight_all, v_cols, target_cols, gate_all)
+        if detach_writes or not differentiable:
+            w_in = tuple(t.detach() for t in w_in)
+        for i, table in enumerate(tables):
+            part = slice(i * per, (i + 1) * per)
+            write = value_write(idx_all[part], *(t[part] for t in w_in), has.expand(per, C), value_lr=value_lr)
+            if write is not None:
+                table.add(*write)
+        keys = k_in - key_lr * key_grad
+        if not differentiable or detach_writes:
+            keys = keys.detach()
+        outs.append(v_hat if differentiable else v_hat.detach())
+        idxs.append(idx)
+        group_idxs.append(idx_all)
+    rows, row_values = (tables[0].rows, tables[0].row_values) if not private else (
+        torch.empty(0, dtype=torch.long, device=values.device), values.new_empty(0, values.shape[1]))
+    return ScanResult(torch.cat(outs, 1), keys, rows, row_values, torch.cat(idxs, 1), torch.cat(group_idxs, 1))
+
+
 def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead: int = 1,
                     eps: float = 1e-3, addr_loss_weight: float = 1.0, value_lr: float = 1.0,
                     key_lr: float = 1.0, score: str = "idw", addr_loss: bool = True,
                     per_sequence: bool = False, detach_writes: bool = False,
-                    written: tuple[torch.Tensor, torch.Tensor] | None = None) -> ScanResult:
+                    written: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    exchange: TokenExchange | None = None) -> ScanResult:
     """The chunked FwPKM scan, returning the written rows instead of a new full table.
 
     With `per_sequence`, every sequence starts from (keys, values) and its writes are private: the
@@ -223,16 +342,25 @@ def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, looka
     With `detach_writes` the writes carry no gradient (a first-order ablation; the paper has none).
     `written` = (rows, row_values) from an earlier scan continues that state without materializing it
     (a sequence-private memory kept as O(rows touched)); the result's rows then include them.
+    With an `exchange` (a memory group of M > 1 processes) `values` holds this process's columns of the
+    table and the group's sequences are one batch (`_scan_group`); v and the reads keep the full width.
     """
     kw = dict(top_k=top_k, chunk_size=chunk_size, lookahead=lookahead, eps=eps, addr_loss_weight=addr_loss_weight,
               value_lr=value_lr, key_lr=key_lr, score=score, addr_loss=addr_loss, detach_writes=detach_writes,
               written=written)
-    if not per_sequence:
+    if exchange is not None:
+        if not per_sequence:
+            return _scan_group(q, v, g, keys, values, exchange, private=False, **kw)
+        parts = [_scan_group(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, exchange, private=True, **kw)
+                 for b in range(q.shape[0])]  # every process has B sequences: the loop runs in lockstep
+    elif not per_sequence:
         return _scan_shared(q, v, g, keys, values, **kw)
-    parts = [_scan_shared(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, **kw) for b in range(q.shape[0])]
+    else:
+        parts = [_scan_shared(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, **kw) for b in range(q.shape[0])]
     no_rows = torch.empty(0, dtype=torch.long, device=values.device)
+    group_idx = None if exchange is None else torch.cat([p.group_idx for p in parts])
     return ScanResult(torch.cat([p.v_hat for p in parts]), keys, no_rows, values.new_empty(0, values.shape[1]),
-                      torch.cat([p.idx for p in parts]))
+                      torch.cat([p.idx for p in parts]), group_idx)
 
 
 def fwpkm_scan(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead: int = 1, eps: float = 1e-3,

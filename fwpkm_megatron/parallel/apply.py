@@ -1,8 +1,9 @@
 """Parallelism applied in one place (style.md 9): `parallelize(chunks, groups, run)` after the build.
 
-Order: memory-table column sharding over the TP group (megatron's own TP linears come from the spec),
-then the recompute-safe state handling is already inside the FwPKM block (it needs no group).
-`sync_fast_weights` keeps the `persistent` memories of data-parallel replicas identical.
+Order: the memory layers get their collectives (TP group, memory-group exchange) and their TP slices of
+slow weights; their tables were built as this rank's TP x M column slice (`table_shards`); the
+recompute-safe state handling is already inside the FwPKM block (it needs no group).
+`sync_fast_weights` keeps the `persistent` memories of the memory groups identical.
 """
 from __future__ import annotations
 
@@ -11,61 +12,104 @@ import torch.distributed as dist
 from torch import nn
 
 from fwpkm_megatron.parallel.groups import ParallelGroups
-from fwpkm_megatron.parallel.sharding import apply_memory_sharding
+from fwpkm_megatron.parallel.sharding import GroupExchange, apply_memory_sharding
 
 
 def parallelize(chunks: list[nn.Module], groups: ParallelGroups, run) -> None:
     """Apply every parallel transformation our code owns to this rank's model chunks (in place).
 
-    Under `persistent_local` with DP > 1 each fast-weight state is marked as its replica's own
-    (`replica = (dp_rank, dp)`), so checkpoints keep one memory per DP rank (parallel/dist_checkpoint.py).
+    Each fast-weight state learns its memory group (index, count). Under `persistent_local` with more
+    than one group each state is marked as its group's own (`replica`), so checkpoints keep one memory
+    per group (parallel/dist_checkpoint.py); under `persistent` the states remember their written rows
+    for the sparse sync between groups.
     """
     from fwpkm_megatron.memory import fast_weight_states
 
+    policy, count = run.fwpkm.policy, groups.num_mem_groups
     for chunk in chunks:
-        apply_memory_sharding(chunk, groups.tp_group, groups.tp_rank, groups.tp)
-        if run.fwpkm.policy == "persistent_local" and groups.dp > 1:
-            for state in fast_weight_states(chunk).values():
-                state.replica = (groups.dp_rank, groups.dp)
+        exchange = GroupExchange(groups.mp_group, groups.mp, groups.mp_rank) if groups.mp > 1 else None
+        apply_memory_sharding(chunk, groups, exchange)
+        for state in fast_weight_states(chunk).values():
+            state.group = (groups.mem_group_index, count)
+            if policy == "persistent_local" and count > 1:
+                state.replica = state.group
+            state.track_writes = policy == "persistent" and count > 1
 
 
-def fast_weight_tensors(chunks: list[nn.Module]) -> list[tuple[object, str]]:
-    """(FastWeightState, buffer name) for every fast-weight buffer of the chunks, in a fixed order."""
+def exchanges(chunks: list[nn.Module]) -> list[GroupExchange]:
+    """The memory-group exchanges of the chunks' FwPKM layers (their byte counters)."""
+    from fwpkm_megatron.memory import fwpkm_blocks
+
+    return [b.comm.exchange for c in chunks for b in fwpkm_blocks(c) if b.comm.exchange is not None]
+
+
+def fast_weight_states_sorted(chunks: list[nn.Module]) -> list:
     from fwpkm_megatron.memory import fast_weight_states
 
-    out = []
-    for chunk in chunks:
-        for _, state in sorted(fast_weight_states(chunk).items()):
-            out += [(state, "keys"), (state, "values")]
-    return out
+    return [state for chunk in chunks for _, state in sorted(fast_weight_states(chunk).items())]
 
 
-def fast_weight_sync_bytes(chunks: list[nn.Module]) -> int:
-    """Bytes each rank contributes to one `sync_fast_weights` all-reduce (ring traffic is ~2x this)."""
-    return sum(getattr(s, n).numel() * getattr(s, n).element_size() for s, n in fast_weight_tensors(chunks))
+def fast_weight_sync_bytes(chunks: list[nn.Module], groups: ParallelGroups | None = None) -> int:
+    """Upper bound of the bytes one `sync_fast_weights` sends per rank: every row written (ring all-gather
+    of int64 row ids and fp32 columns to G-1 groups) plus the keys' all-reduce. Real steps send the rows
+    they wrote (`train/fast_weight_sync_bytes`)."""
+    n = 1 if groups is None else groups.num_mem_groups
+    total = 0
+    for state in fast_weight_states_sorted(chunks):
+        rows, cols = state.values.shape
+        total += rows * (8 + 4 * cols) * (n - 1) + state.keys.numel() * 4 * 2 * (n - 1) // max(n, 1)
+    return total
 
 
 @torch.no_grad()
 def sync_fast_weights(chunks: list[nn.Module], groups: ParallelGroups, policy: str) -> int:
-    """Average the fast-weight states over the DP group (call at each optimizer-step boundary).
+    """Make the memory groups' `persistent` states equal again (call at each optimizer-step boundary).
 
-    Under `persistent` every replica starts a step from the same state, so the average of the states is
-    the start state plus the average of the replicas' accumulated writes: the replicas end every step
-    identical. `persistent_local` (the paper code's per-rank memories) and `per_sequence` (no shared
-    writes) are not synchronised. Returns the bytes this rank all-reduced (0 when nothing was synced).
+    Every group starts a step from the same state S0 and writes its own rows. Afterwards every group
+    holds S0 + (sum over groups of their value deltas) / G on the rows any group wrote (and untouched
+    rows stay S0), i.e. the average of the groups' states, computed from the written rows alone: each
+    rank all-gathers (rows, new - old) of its column shard from the same shard of every other group.
+    Keys (small, replicated) are averaged densely. `persistent_local` (one memory per group) and
+    `per_sequence` (no shared writes) are not synchronised. Returns the bytes this rank sent.
     """
-    if policy != "persistent" or groups.dp_group is None:
+    group, count = groups.mem_sync_group if groups.mp > 1 else groups.dp_group, groups.num_mem_groups
+    if policy != "persistent" or group is None or count == 1:
         return 0
-    tensors = fast_weight_tensors(chunks)
-    if not tensors:
+    sent = 0
+    for state in fast_weight_states_sorted(chunks):
+        sent += _sync_rows(state, group, count)
+        keys = state.keys.clone()
+        dist.all_reduce(keys, group=group)
+        state.keys = keys / count  # rebind, as commit() does
+        sent += keys.numel() * keys.element_size() * 2 * (count - 1) // count
+    return sent
+
+
+def _sync_rows(state, group, count: int) -> int:
+    """Sparse all-gather of this step's written rows and their deltas; apply the groups' mean delta."""
+    values, rows = state.values, state.written_rows
+    delta = values[rows] - state.written_base                        # [U, cols]
+    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(count)]
+    dist.all_gather(sizes, torch.tensor([rows.numel()], device=values.device), group=group)
+    sizes = [int(n) for n in sizes]
+    most = max(sizes)
+    if most == 0:
         return 0
-    flat = torch.cat([getattr(s, n).reshape(-1) for s, n in tensors])  # fp32; one collective per step
-    dist.all_reduce(flat, group=groups.dp_group)
-    flat /= groups.dp
-    offset = 0
-    for state, name in tensors:
-        current = getattr(state, name)
-        piece = flat[offset:offset + current.numel()].view_as(current)
-        offset += current.numel()
-        setattr(state, name, piece.clone())  # rebind, as commit() does for keys
-    return flat.numel() * flat.element_size()
+    pad_rows = torch.full((most,), -1, dtype=torch.long, device=values.device)
+    pad_rows[:rows.numel()] = rows
+    pad_delta = values.new_zeros(most, values.shape[1])
+    pad_delta[:rows.numel()] = delta
+    all_rows = [torch.empty_like(pad_rows) for _ in range(count)]
+    all_delta = [torch.empty_like(pad_delta) for _ in range(count)]
+    dist.all_gather(all_rows, pad_rows, group=group)
+    dist.all_gather(all_delta, pad_delta, group=group)
+    union = torch.unique(torch.cat([r[:n] for r, n in zip(all_rows, sizes)]))
+    total = values.new_zeros(union.numel(), values.shape[1])
+    for r, d, n in zip(all_rows, all_delta, sizes):  # group by group: the same sum, bit for bit, everywhere
+        total[torch.searchsorted(union, r[:n])] += d[:n]            # a group's rows are unique
+    start = values[union]                                             # S0, except this rank's rows
+    if rows.numel():
+        start[torch.searchsorted(union, rows)] = state.written_base  # S0 exactly, on every group
+    values.index_copy_(0, union, start + total / count)
+    state.clear_written()
+    return (pad_rows.numel() * 8 + pad_delta.numel() * 4) * (count - 1) + 8 * (count - 1)

@@ -29,61 +29,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fwpkm_megatron.memory.checkpoint import child_tensors, sharded_tensors  # noqa: F401  (re-exported)
+
 # Metadata of every sharded_state_dict call: layers differ (FwPKM branch, PKM MLP), so each keeps its own
 # entry instead of being stacked along a layer axis.
 METADATA = {"non_homogeneous_layers": True}
 # Optimizer state keys that are scalars per parameter (stored once, as a common value).
 _SCALAR_STATE = ("step",)
-
-
-def sharded_tensors(tensors: dict[str, torch.Tensor], prefix: str, sharded_offsets=(), metadata=None, *,
-                    tp_axes: dict[str, int], tp_group=None, replica: tuple[int, int] | None = None) -> dict:
-    """ShardedTensors for a module's tensors (its `state_dict(keep_vars=True)` entries).
-
-    Args:
-        tensors: local name -> tensor (Parameters themselves, so optimizer state can be mapped to them).
-        prefix: key prefix of the module (megatron passes it).
-        sharded_offsets: offsets already applied by parent modules (a layer axis), prepended.
-        metadata: megatron's metadata dict (carries `dp_cp_group`).
-        tp_axes: local name -> tensor dim split over the TP group; every other tensor is TP-replicated.
-        tp_group: the module's TP group (None: megatron's TP group, of which it is a replica).
-        replica: (dp_rank, dp) for per-replica tensors: a leading DP axis, one entry per replica.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-    from megatron.core.utils import (get_pg_rank, make_sharded_tensor_for_checkpoint,
-                                     make_tp_sharded_tensor_for_checkpoint)
-
-    metadata = ensure_metadata_has_dp_cp_group(metadata)
-    if tp_group is None and parallel_state.model_parallel_is_initialized():
-        # an unsharded module still sits on a TP rank: its replicated tensors are written by TP rank 0 only
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-    groups = dict(tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"])
-    offsets = tuple(sharded_offsets)
-    if replica is not None:  # a leading DP axis: each replica holds its own piece
-        offsets += ((len(offsets), replica[0], replica[1]),)
-    out = {}
-    for name, tensor in tensors.items():
-        key = f"{prefix}{name}"
-        if name in tp_axes:  # replica id None: megatron's (0, 0, dp_rank); per replica, the only holder
-            replica_id = None if replica is None else (0, 0, 0)
-            out[key] = make_tp_sharded_tensor_for_checkpoint(tensor, key, tp_axis=tp_axes[name], replica_id=replica_id,
-                                                             prepend_offsets=offsets, **groups)
-        else:  # TP-replicated: megatron's (0, tp_rank, dp_rank); per replica, TP rank 0 writes
-            replica_id = None if replica is None else (0, get_pg_rank(tp_group), 0)
-            out[key] = make_sharded_tensor_for_checkpoint(tensor, key, prepend_offsets=offsets,
-                                                          replica_id=replica_id, **groups)
-    return out
-
-
-def child_tensors(module: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """`state_dict(keep_vars=True)` entries of the named children of `module` (absent children skipped)."""
-    out = {}
-    for name in names:
-        child = getattr(module, name, None)
-        if child is not None:
-            out.update({f"{name}.{k}": v for k, v in child.state_dict(keep_vars=True).items()})
-    return out
 
 
 # --------------------------------------------------------------------------------- model + optimizer

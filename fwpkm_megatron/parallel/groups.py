@@ -50,6 +50,19 @@ class ParallelGroups:
     dp_group: object | None
     model_group: object | None      # TP x PP: one full model replica (grad norms sum over it)
     embedding_group: object | None  # first and last pipeline stage (tied embedding gradients)
+    # memory parallel: DP is split into DP/M memory groups of M consecutive DP ranks sharing FwPKM tables
+    mp: int = 1                     # M
+    mp_rank: int = 0                # this rank's place in its memory group (dp_rank % M)
+    mp_group: object | None = None  # the M ranks of the memory group with this TP rank and stage
+    mem_sync_group: object | None = None  # the DP/M ranks holding this rank's table columns in the other groups
+
+    @property
+    def num_mem_groups(self) -> int:
+        return self.dp // self.mp
+
+    @property
+    def mem_group_index(self) -> int:
+        return self.dp_rank // self.mp
 
     @property
     def is_first_stage(self) -> bool:
@@ -61,7 +74,8 @@ class ParallelGroups:
 
     def describe(self) -> str:
         return (f"{self.world_size} processes (TP={self.tp}, PP={self.pp}"
-                f"{f', VPP={self.vpp}' if self.vpp > 1 else ''}, DP={self.dp})")
+                f"{f', VPP={self.vpp}' if self.vpp > 1 else ''}, DP={self.dp}"
+                f"{f', memory groups of M={self.mp}' if self.mp > 1 else ''})")
 
 
 def _dist_backend(choice: str) -> str:
@@ -105,7 +119,45 @@ def init_distributed(parallel: ParallelConfig, seed: int, run=None) -> ParallelG
         virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
         order="tp-cp-ep-pp-dp")
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return current_groups(parallel.vpp)
+    return with_memory_groups(current_groups(parallel.vpp), parallel.memory_parallel)
+
+
+def with_memory_groups(groups: ParallelGroups, mp: int) -> ParallelGroups:
+    """Add the memory-parallel groups (collective: every rank creates every group, in one order).
+
+    World ranks follow megatron's order tp-cp-ep-pp-dp: rank = tp_rank + tp * (pp_rank + pp * dp_rank).
+    Memory group g of a (TP rank, stage) holds DP ranks [g*M, (g+1)*M); the sync group of a column shard
+    holds the DP ranks with the same place in every memory group.
+    """
+    import dataclasses
+
+    if mp == 1:
+        return dataclasses.replace(groups, mem_sync_group=groups.dp_group)  # every DP rank is its own group
+    tp, pp, dp = groups.tp, groups.pp, groups.dp
+
+    def world(t, p, d):
+        return t + tp * (p + pp * d)
+
+    if groups.dp_group is not None:
+        mine = dist.get_process_group_ranks(groups.dp_group)
+        expected = [world(groups.tp_rank, groups.pp_rank, d) for d in range(dp)]
+        if mine != expected:
+            raise LayoutError(f"megatron's data-parallel group {mine} is not {expected} (order tp-cp-ep-pp-dp)")
+    mp_group = sync_group = None
+    for t in range(tp):
+        for p in range(pp):
+            for g in range(dp // mp):
+                ranks = [world(t, p, d) for d in range(g * mp, (g + 1) * mp)]
+                handle = dist.new_group(ranks)
+                if groups.rank in ranks:
+                    mp_group = handle
+            for j in range(mp):
+                ranks = [world(t, p, d) for d in range(j, dp, mp)]
+                handle = dist.new_group(ranks) if len(ranks) > 1 else None
+                if groups.rank in ranks:
+                    sync_group = handle
+    return dataclasses.replace(groups, mp=mp, mp_rank=groups.dp_rank % mp, mp_group=mp_group,
+                               mem_sync_group=sync_group)
 
 
 def current_groups(vpp: int = 1) -> ParallelGroups:

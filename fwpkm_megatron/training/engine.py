@@ -30,17 +30,24 @@ from fwpkm_megatron.training.optim import build_optimizer
 def build_chunks(run: RunConfig, vocab_size: int, groups: ParallelGroups) -> list[nn.Module]:
     """This rank's model chunks (one per virtual stage), sharded and initialised layout-independently.
 
-    With `parallel.layout_independent_init` and PP > 1, every rank first builds the whole model at
-    PP = 1 (same TP) and copies its layers' weights from it, so every layout starts from the weights
-    of a single-process run with the same seed (costs one full model of host memory during the build).
+    Memory tables are built as this rank's column slice only (`table_shards`). With
+    `parallel.layout_independent_init` and PP > 1, every rank first builds the whole model at PP = 1
+    (same TP; its memory tables on the meta device, never allocated) and copies its layers' slow weights
+    and table seeds from it, so every layout starts from the weights of a single-process run with the
+    same seed (costs the slow weights of one full model of host memory during the build).
     """
+    import dataclasses
+
     from fwpkm_megatron.model import build_model, transformer_config
+    from fwpkm_megatron.parallel.sharding import table_shards
 
     par = run.parallel
     tp_overrides = dict(tensor_model_parallel_size=groups.tp)
+    shards = table_shards(groups)
     reference = None
     if groups.pp > 1 and par.layout_independent_init:
-        reference = build_model(run, vocab_size, config=transformer_config(run, **tp_overrides)).state_dict()
+        shapes_only = tuple(dataclasses.replace(s, materialize=False) for s in shards)
+        reference = build_model(run, vocab_size, config=transformer_config(run, **tp_overrides), shards=shapes_only)
     overrides = dict(tp_overrides, pipeline_model_parallel_size=groups.pp)
     if groups.vpp > 1:
         overrides["virtual_pipeline_model_parallel_size"] = groups.vpp
@@ -52,7 +59,7 @@ def build_chunks(run: RunConfig, vocab_size: int, groups: ParallelGroups) -> lis
         pre = groups.is_first_stage and vp == 0
         post = groups.is_last_stage and vp == groups.vpp - 1
         chunk = build_model(run, vocab_size, config=config, pre_process=pre, post_process=post,
-                            vp_stage=vp if groups.vpp > 1 else None)
+                            vp_stage=vp if groups.vpp > 1 else None, shards=shards)
         if reference is not None:
             _load_from_reference(chunk, reference)
         chunks.append(chunk)
@@ -60,24 +67,40 @@ def build_chunks(run: RunConfig, vocab_size: int, groups: ParallelGroups) -> lis
     return chunks
 
 
-def _load_from_reference(chunk: nn.Module, reference: dict[str, torch.Tensor]) -> None:
-    """Copy a PP=1 build's tensors into a stage chunk, mapping local layer indices to global ids."""
-    own = chunk.state_dict()
+def _load_from_reference(chunk: nn.Module, reference_model: nn.Module) -> None:
+    """Copy a PP=1 build's tensors into a stage chunk, mapping local layer indices to global ids.
+
+    The reference's memory tables exist only as shapes: the chunk's tables are redrawn from the
+    reference's seeds (each rank draws only its columns)."""
+    reference = reference_model.state_dict()
     local_to_global = {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
-    out = {}
-    for key in own:
-        src = key
+
+    def global_name(key: str) -> str:
         if key.startswith("decoder.layers."):
             parts = key.split(".")
             parts[2] = str(local_to_global[int(parts[2])])
-            src = ".".join(parts)
-        elif key == "output_layer.weight" and src not in reference:
+            return ".".join(parts)
+        return key
+
+    out = {}
+    for key in chunk.state_dict():
+        src = global_name(key)
+        if key == "output_layer.weight" and src not in reference:
             src = "embedding.word_embeddings.weight"  # tied: the last stage's copy of the embedding
         if src in reference:
-            out[key] = reference[src]
+            if not (isinstance(reference[src], torch.Tensor) and reference[src].is_meta):
+                out[key] = reference[src]
         elif not key.endswith("_extra_state"):
             raise KeyError(f"{key}: no tensor {src!r} in the PP=1 reference build")
     chunk.load_state_dict(out, strict=False)
+    modules = dict(reference_model.named_modules())
+    for name, module in chunk.named_modules():
+        ref = modules[global_name(name)] if hasattr(module, "init_seed") or hasattr(module, "values_seed") else None
+        if hasattr(module, "init_seed"):    # FwPKM fast-weight state
+            module.init_seed = ref.init_seed
+            module.reset()
+        elif hasattr(module, "values_seed"):  # static PKM value table
+            module.redraw_values(ref.values_seed)
 
 
 class ParallelEngine:
@@ -102,8 +125,7 @@ class ParallelEngine:
             self.deepspeed, self.optimizer, self.scheduler = build_deepspeed(self, run)
         else:
             self.optimizer, self.scheduler = build_optimizer(self.model, run.train)
-        self.sync_bytes = fast_weight_sync_bytes(self.chunks) if (
-            run.fwpkm.policy == "persistent" and groups.dp > 1) else 0
+        self.sync_bytes = fast_weight_sync_bytes(self.chunks, groups) if run.fwpkm.policy == "persistent" else 0
 
     # ------------------------------------------------------------------------------------ the step
 

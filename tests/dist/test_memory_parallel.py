@@ -1,0 +1,176 @@
+"""Memory parallel (parallel.memory_parallel = M): one FwPKM table per memory group of M DP ranks.
+
+What this proves, on the 2-layer GPT of test_parallel.py (FwPKM layer 0, static PKM layer 1):
+- DP=2 x M=2 with micro-batch b is one process with micro-batch 2b: losses, gradients (every slow
+  weight's, first step) and the final memory (columns gathered) within 1e-5;
+  `per_sequence` too, and perturbing one sequence changes no other sequence's output (no information
+  between sequences, across ranks included);
+- TP=2 x M=2 (4 ranks) equals TP=1; DP=4 x M=2 (two groups, `persistent`) equals one process that runs
+  the two group batches from one state and averages grads and states (the sparse sync of written rows);
+- every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes.
+Ranks are forked from this process, which imported megatron-core once (tests/dist/spawn.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megatron.core  # noqa: F401  imported once here, inherited by every forked rank
+from fwpkm_megatron.config import ConfigError, layout_problems, load_config
+
+from spawn import run_ranks
+from test_parallel import BASE, SEED, SEQ, VOCAB, build, emulate_dp2, global_batches
+
+RTOL = 1e-5
+STEPS = 3
+
+
+def batches(sequences: int, steps: int = STEPS) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, VOCAB, (sequences, SEQ + 1), generator=g) for _ in range(steps)]
+
+
+def train(overrides: list[str], sequences: int, data: list[torch.Tensor] | None = None) -> dict:
+    """One step per global batch (default `batches(sequences)`) on this rank's share; what the comparisons need."""
+    from fwpkm_megatron.parallel.apply import exchanges
+    from fwpkm_megatron.parallel.sharding import table_shards
+
+    run, groups, engine = build(overrides)
+    metrics = []
+    for step, batch in enumerate(batches(sequences) if data is None else data):
+        for chunk in engine.chunks:
+            chunk.window_control.begin_step(step, SEED, True)
+        m = engine.train_step([batch.chunk(groups.dp)[groups.dp_rank]])
+        metrics.append((m["train/loss"], m["train/grad_norm"], m["train/fast_weight_sync_bytes"]))
+        if step == 0:  # the first step's (clipped) gradients, before the weights can drift apart
+            grads = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+    buffers = {n: b.clone() for n, b in engine.model.named_buffers() if ".state." in n}
+    return {"metrics": metrics, "fast": buffers, "shard": table_shards(groups)[0].index,
+            "grads": grads,
+            "sent": [dict(ex.sent) for ex in exchanges(engine.chunks)], "tp": groups.tp}
+
+
+def per_token_loss(engine, batch: torch.Tensor) -> torch.Tensor:
+    model = engine.chunks[0]
+    model.eval()
+    with torch.no_grad():
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        return model(inputs, torch.arange(SEQ).expand_as(inputs), attention_mask=None, labels=labels)
+
+
+def perturbation(overrides: list[str], sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_sequence: this rank's per-token losses, then again with the global batch's sequence 2 changed."""
+    run, groups, engine = build(overrides)
+    batch = batches(sequences, 1)[0]
+    before = per_token_loss(engine, batch.chunk(groups.dp)[groups.dp_rank])
+    changed = batch.clone()
+    changed[2, SEQ // 2:] = (changed[2, SEQ // 2:] + 1) % VOCAB
+    after = per_token_loss(engine, changed.chunk(groups.dp)[groups.dp_rank])
+    return before, after
+
+
+def reference_worker(rank):
+    persistent = train([], 4)
+    per_seq = train(["fwpkm.policy=per_sequence"], 4)
+    emulated = emulate_dp2(rank, [], 8)  # two group batches of 4 from one state, averaged (test_parallel)
+    return persistent, per_seq, emulated
+
+
+def dp2_worker(rank):
+    mp = ["parallel.memory_parallel=2"]
+    persistent = train(mp, 4)
+    per_seq = train(mp + ["fwpkm.policy=per_sequence"], 4)
+    return persistent, per_seq, perturbation(mp + ["fwpkm.policy=per_sequence"], 4)
+
+
+def four_rank_worker(rank):
+    tp2 = train(["parallel.tp=2", "parallel.memory_parallel=2"], 4)
+    two_groups = train(["parallel.memory_parallel=2"], 8, global_batches(8))  # emulate_dp2's batches
+    return tp2, two_groups
+
+
+def gathered(results: list[dict], name: str) -> torch.Tensor:
+    """A fast-weight buffer as one process would hold it: values' column shards in shard order."""
+    ordered = sorted(results, key=lambda r: r["shard"])
+    if name.endswith("values"):
+        return torch.cat([r["fast"][name] for r in ordered], 1)
+    return ordered[0]["fast"][name]
+
+
+def assert_close(ref, got, what, atol=1e-6):
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+    err = (got - ref).abs().max().item()
+    assert torch.allclose(got, ref, rtol=RTOL, atol=atol), f"{what}: max abs error {err}"
+
+
+def assert_same_run(ref: dict, ranks: list[dict], what: str, grads: bool = True) -> None:
+    for step, (a, b) in enumerate(zip(ref["metrics"], ranks[0]["metrics"])):
+        for name, x, y in (("loss", a[0], b[0]), ("grad_norm", a[1], b[1])):
+            assert abs(x - y) <= RTOL * abs(x), f"{what}: step {step} {name} {y} vs one process {x}"
+    for name in ref["fast"]:
+        assert_close(ref["fast"][name], gathered(ranks, name), f"{what}: final {name}", atol=1e-5)
+    if grads:
+        for name, g in ref["grads"].items():
+            assert_close(g, ranks[0]["grads"][name], f"{what}: grad of {name}")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_ranks(reference_worker, 1)[0]
+
+
+def test_dp2_memory_parallel2_is_one_process_with_twice_the_micro_batch(reference):
+    persistent, per_seq, emulated = reference
+    ranks = run_ranks(dp2_worker, 2)
+    assert_same_run(persistent, [r[0] for r in ranks], "DP=2 x M=2 persistent")
+    assert_same_run(per_seq, [r[1] for r in ranks], "DP=2 x M=2 per_sequence")
+    # each rank holds half of the table's columns (keys are replicated)
+    values = [n for n in persistent["fast"] if n.endswith("values")]
+    for name in values:
+        assert ranks[0][0]["fast"][name].shape[1] * 2 == persistent["fast"][name].shape[1]
+    sent = ranks[0][0]["sent"][0]
+    assert sent[("read", "forward")] > 0 and sent[("write", "forward")] > 0 and sent[("read", "backward")] > 0
+    # per_sequence: global sequence 2 (rank 1's first) changed; every other sequence reads exactly as before
+    (before0, after0), (before1, after1) = ranks[0][2], ranks[1][2]
+    assert torch.equal(before0, after0), "rank 0's sequences saw rank 1's changed sequence"
+    assert torch.equal(before1[1], after1[1]), "rank 1's other sequence saw the changed one"
+    assert not torch.equal(before1[0, SEQ // 2:], after1[0, SEQ // 2:])
+
+
+def test_tp2_memory_parallel2_and_two_memory_groups(reference):
+    persistent, _, emulated = reference
+    ranks = run_ranks(four_rank_worker, 4)
+    tp2 = [r[0] for r in ranks]
+    assert_same_run(persistent, tp2, "TP=2 x M=2", grads=False)
+    for r in tp2:  # a quarter of every table's columns on each rank
+        for name, full in persistent["fast"].items():
+            if name.endswith("values"):
+                assert r["fast"][name].shape[1] * 4 == full.shape[1]
+
+    groups = [r[1] for r in ranks]  # DP=4, M=2: ranks (0, 1) and (2, 3) are the two memory groups
+    ref_metrics, ref_fast, _ = emulated
+    for step, (a, b) in enumerate(zip(ref_metrics, groups[0]["metrics"])):
+        for name, x, y in (("loss", a[0], b[0]), ("grad_norm", a[1], b[1])):
+            assert abs(x - y) <= RTOL * abs(x), f"2 memory groups: step {step} {name} {y} vs emulation {x}"
+    for name, full in ref_fast.items():
+        assert_close(full, gathered(groups[:2], name), f"2 memory groups: {name}", atol=1e-5)
+        for a, b in ((groups[0], groups[2]), (groups[1], groups[3])):  # the groups' copies are identical
+            assert torch.equal(a["fast"][name], b["fast"][name]), f"{name}: memory groups differ"
+    synced = [m[2] for m in groups[0]["metrics"]]
+    assert all(0 < s for s in synced), synced  # the written rows are synced, each step
+
+
+def test_memory_parallel_config_errors_name_the_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, BASE + ["parallel.memory_parallel=3", "parallel.tp=2", "fwpkm.addr_loss=false",
+                                  "fwpkm.backend=triton"])
+    text = str(info.value)
+    for expected in ("parallel.memory_parallel=3 with parallel.tp=2: fwpkm.d_v=32 must be divisible by "
+                     "tp * memory_parallel = 6",
+                     "parallel.memory_parallel=3: fwpkm.addr_loss=false",
+                     "parallel.memory_parallel=3: fwpkm.backend=triton"):
+        assert expected in text, f"{expected!r} missing from:\n{text}"
+    problems = layout_problems(load_config(None, BASE + ["parallel.memory_parallel=2"]), 3)
+    assert "parallel.memory_parallel=2: must divide the data-parallel size 3" in "\n".join(problems)
+    with pytest.raises(ConfigError, match="parallel.memory_parallel=0: must be >= 1"):
+        load_config(None, BASE + ["parallel.memory_parallel=0"])
