@@ -7,6 +7,7 @@ What this proves, on the 2-layer GPT of test_parallel.py (FwPKM layer 0, static 
   between sequences, across ranks included);
 - TP=2 x M=2 (4 ranks) equals TP=1; DP=4 x M=2 (two groups, `persistent`) equals one process that runs
   the two group batches from one state and averages grads and states (the sparse sync of written rows);
+- a checkpoint saved at M=2 loads at M=1 and at TP=2 x M=2 with the same memory, bit for bit;
 - every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes.
 Ranks are forked from this process, which imported megatron-core once (tests/dist/spawn.py).
 """
@@ -30,8 +31,9 @@ def batches(sequences: int, steps: int = STEPS) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (sequences, SEQ + 1), generator=g) for _ in range(steps)]
 
 
-def train(overrides: list[str], sequences: int, data: list[torch.Tensor] | None = None) -> dict:
-    """One step per global batch (default `batches(sequences)`) on this rank's share; what the comparisons need."""
+def train(overrides: list[str], sequences: int, data: list[torch.Tensor] | None = None, save_to=None) -> dict:
+    """One step per global batch (default `batches(sequences)`) on this rank's share; what the comparisons
+    need. `save_to`: then write a distributed checkpoint (model, fast weights, AdamW) there."""
     from fwpkm_megatron.parallel.apply import exchanges
     from fwpkm_megatron.parallel.sharding import table_shards
 
@@ -44,6 +46,10 @@ def train(overrides: list[str], sequences: int, data: list[torch.Tensor] | None 
         metrics.append((m["train/loss"], m["train/grad_norm"], m["train/fast_weight_sync_bytes"]))
         if step == 0:  # the first step's (clipped) gradients, before the weights can drift apart
             grads = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+    if save_to is not None:
+        from fwpkm_megatron.parallel.dist_checkpoint import save_distributed
+
+        save_distributed(save_to, engine.chunks, engine.optimizer)
     buffers = {n: b.clone() for n, b in engine.model.named_buffers() if ".state." in n}
     return {"metrics": metrics, "fast": buffers, "shard": table_shards(groups)[0].index,
             "grads": grads,
@@ -83,10 +89,22 @@ def dp2_worker(rank):
     return persistent, per_seq, perturbation(mp + ["fwpkm.policy=per_sequence"], 4)
 
 
-def four_rank_worker(rank):
+def loaded(overrides: list[str], directory) -> dict:
+    """This rank's fast weights after loading `directory` at the layout `overrides` describes."""
+    from fwpkm_megatron.parallel.dist_checkpoint import load_distributed
+    from fwpkm_megatron.parallel.sharding import table_shards
+
+    run, groups, engine = build(overrides)
+    assert load_distributed(directory, engine.chunks, engine.optimizer)
+    return {"fast": {n: b.clone() for n, b in engine.model.named_buffers() if ".state." in n},
+            "shard": table_shards(groups)[0].index}
+
+
+def four_rank_worker(rank, directory):
     tp2 = train(["parallel.tp=2", "parallel.memory_parallel=2"], 4)
-    two_groups = train(["parallel.memory_parallel=2"], 8, global_batches(8))  # emulate_dp2's batches
-    return tp2, two_groups
+    # emulate_dp2's batches; the checkpoint of M=2 reloads at M=1 and at TP=2 x M=2
+    two_groups = train(["parallel.memory_parallel=2"], 8, global_batches(8), save_to=directory)
+    return tp2, two_groups, loaded([], directory), loaded(["parallel.tp=2", "parallel.memory_parallel=2"], directory)
 
 
 def gathered(results: list[dict], name: str) -> torch.Tensor:
@@ -137,9 +155,9 @@ def test_dp2_memory_parallel2_is_one_process_with_twice_the_micro_batch(referenc
     assert not torch.equal(before1[0, SEQ // 2:], after1[0, SEQ // 2:])
 
 
-def test_tp2_memory_parallel2_and_two_memory_groups(reference):
+def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_path):
     persistent, _, emulated = reference
-    ranks = run_ranks(four_rank_worker, 4)
+    ranks = run_ranks(four_rank_worker, 4, str(tmp_path))
     tp2 = [r[0] for r in ranks]
     assert_same_run(persistent, tp2, "TP=2 x M=2", grads=False)
     for r in tp2:  # a quarter of every table's columns on each rank
@@ -158,6 +176,13 @@ def test_tp2_memory_parallel2_and_two_memory_groups(reference):
             assert torch.equal(a["fast"][name], b["fast"][name]), f"{name}: memory groups differ"
     synced = [m[2] for m in groups[0]["metrics"]]
     assert all(0 < s for s in synced), synced  # the written rows are synced, each step
+
+    # the checkpoint written at DP=4 x M=2 holds the same memory at M=1 and at TP=2 x M=2, bit for bit
+    for name in ref_fast:
+        saved = gathered(groups[:2], name)
+        for r in ranks:
+            assert torch.equal(r[2]["fast"][name], saved), f"M=2 -> M=1: {name} differs"
+        assert torch.equal(gathered([r[3] for r in ranks], name), saved), f"M=2 -> TP=2 x M=2: {name} differs"
 
 
 def test_memory_parallel_config_errors_name_the_keys():
