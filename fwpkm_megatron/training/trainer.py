@@ -391,6 +391,7 @@ class Trainer:
         fast = [b for state in fast_weight_states(self.model).values() for b in state.buffers()]
         fast_numel = sum(b.numel() for b in fast)
         fast_bytes = sum(b.numel() * b.element_size() for b in fast)
+        self.fast_weight_bytes_per_rank = self._max_over_ranks(fast_bytes)
         slow_numel = sum(p.numel() for p in self.model.parameters())
         lines = [
             f"tokens per step: {self.tokens_per_step:,} ({cfg.micro_batch_size} seqs x {cfg.seq_len} tok"
@@ -401,12 +402,14 @@ class Trainer:
             f"vocab size: {self.vocab_size:,}; parallel layout: "
             + ("1 process (TP=1, PP=1, DP=1)" if self.groups is None else self.groups.describe()),
         ]
+        lines.append(f"fast weights per rank: {format_bytes(self.fast_weight_bytes_per_rank)} (the largest rank's)")
         if self.groups is not None:
+            g = self.groups
             lines.append(f"memory tables on this rank: {format_bytes(memory_bytes(self.model))}"
-                         f" (column-sharded over TP={self.groups.tp})")
+                         f" (FwPKM columns over TP x M = {g.tp} x {g.mp}, static PKM over TP={g.tp})")
             if self.engine.sync_bytes:
-                lines.append(f"fast-weight DP sync: all-reduce of {format_bytes(self.engine.sync_bytes)} per step"
-                             f" per rank (persistent policy, DP={self.groups.dp})")
+                lines.append(f"fast-weight sync between {g.num_mem_groups} memory groups: the rows written in a step,"
+                             f" at most {format_bytes(self.engine.sync_bytes)} per step per rank (persistent policy)")
         for line in lines:
             self.logger.console(line)
         if fresh:
@@ -415,6 +418,16 @@ class Trainer:
             self.logger.scalars({"run/tokens_per_step": self.tokens_per_step,
                                  "run/slow_params": slow_numel, "run/fast_params": fast_numel,
                                  "run/fast_bytes": fast_bytes}, 0)
+
+    def _max_over_ranks(self, value: int) -> int:
+        """The largest `value` over all ranks (collective in a parallel run)."""
+        if self.groups is None or self.groups.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=next(self.model.parameters()).device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def _summary(self, wall_seconds: float, start_step: int) -> dict[str, Any]:
         tail = self.losses[-FINAL_LOSS_WINDOW:]
@@ -431,6 +444,7 @@ class Trainer:
             "tensorboard_dir": str(self.tb_dir),
             "wall_seconds": wall_seconds,  # this process's train(): its steps, evals and saves (not the build)
             "resumed_from_step": start_step,  # 0 for a fresh run; wall_seconds covers steps after this one
+            "fast_weight_bytes_per_rank": self.fast_weight_bytes_per_rank,  # FwPKM state, the largest rank's
         }
 
 
@@ -446,7 +460,10 @@ def uses_parallel_engine(run: RunConfig) -> bool:
 def _layout_record(groups) -> dict[str, int]:
     if groups is None:
         return {"world_size": 1, "tp": 1, "pp": 1, "vpp": 1, "dp": 1}
-    return {"world_size": groups.world_size, "tp": groups.tp, "pp": groups.pp, "vpp": groups.vpp, "dp": groups.dp}
+    record = {"world_size": groups.world_size, "tp": groups.tp, "pp": groups.pp, "vpp": groups.vpp, "dp": groups.dp}
+    if groups.mp > 1:
+        record["memory_parallel"] = groups.mp
+    return record
 
 
 def _seed_everything(seed: int) -> None:

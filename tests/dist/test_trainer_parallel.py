@@ -35,6 +35,8 @@ def test_tp2_trainer_writes_the_single_process_summary(tiny_run, tmp_path):
     for a, b in zip(ref["losses"] + [ref["val_loss"]], got["losses"] + [got["val_loss"]]):
         assert abs(a - b) <= RTOL * abs(a), (ref, got)
     assert got["tokens_seen"] == ref["tokens_seen"]
+    # fast weights per rank: half the table's columns, the replicated sub-keys whole
+    assert 0 < got["fast_weight_bytes_per_rank"] < 0.6 * ref["fast_weight_bytes_per_rank"], (got, ref)
     step_dir = tmp_path / "tp2" / "checkpoints" / "step_00000003"  # distributed: dist/ + per-rank trainer state
     assert (step_dir / "dist" / "metadata.json").is_file() and (step_dir / "rank_00001" / "trainer.pt").is_file()
 

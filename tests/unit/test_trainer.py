@@ -203,7 +203,9 @@ def test_summary_json_has_documented_fields(finished_run):
     assert Path(on_disk["checkpoint"]).name == "step_00000006"
     assert Path(on_disk["tensorboard_dir"]) == run_dir / "tensorboard"
     assert on_disk["wall_seconds"] > 0 and on_disk["resumed_from_step"] == 0
-    for derived in ("tokens per step: 128", "slow parameters:", "fast weights:"):
+    # tiny FwPKM layer: values 64 x 32 and keys 1 x 2 x 8 x 8, fp32
+    assert on_disk["fast_weight_bytes_per_rank"] == (64 * 32 + 2 * 8 * 8) * 4
+    for derived in ("tokens per step: 128", "slow parameters:", "fast weights:", "fast weights per rank: "):
         assert derived in console, derived
 
 
