@@ -8,6 +8,8 @@ What this proves, on the 2-layer GPT of test_parallel.py (FwPKM layer 0, static 
 - TP=2 x M=2 (4 ranks) equals TP=1; DP=4 x M=2 (two groups, `persistent`) equals one process that runs
   the two group batches from one state and averages grads and states (the sparse sync of written rows);
 - a checkpoint saved at M=2 loads at M=1 and at TP=2 x M=2 with the same memory, bit for bit;
+- no rank allocates a tensor of the full table's size (build, steps with full recompute, the sync,
+  a validation snapshot, checkpoint save and load), and full recompute under M=2 equals no recompute;
 - every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes.
 Ranks are forked from this process, which imported megatron-core once (tests/dist/spawn.py).
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import megatron.core  # noqa: F401  imported once here, inherited by every forked rank
 from fwpkm_megatron.config import ConfigError, layout_problems, load_config
@@ -100,11 +104,59 @@ def loaded(overrides: list[str], directory) -> dict:
             "shard": table_shards(groups)[0].index}
 
 
+class LargeTensors(TorchDispatchMode):
+    """Records every op output with at least `limit` elements (recorded, not raised: a raise inside one
+    rank's collective would hang the others)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.seen = limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() >= self.limit:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+def no_full_tables(directory) -> tuple[list, list, list]:
+    """DP=4 x M=2 with a table larger than all slow weights together: build, 2 steps with full recompute
+    (the sparse sync between the 2 groups after each), a validation snapshot + eval + restore, checkpoint
+    save and load, all while recording tensors of the full table's size. Returns (what was recorded,
+    what a plain M=1 build records (the control), recompute vs no recompute metrics)."""
+    from fwpkm_megatron.memory import restore_fast_weights, snapshot_fast_weights
+    from fwpkm_megatron.model import build_model
+    from fwpkm_megatron.parallel.dist_checkpoint import load_distributed, save_distributed
+
+    big = ["fwpkm.num_slots=1024", "fwpkm.d_v=128", "parallel.memory_parallel=2"]
+    full = 1024 * 128  # > all slow weights (~90K) together, so a flat gradient buffer is not mistaken for it
+    guard, metrics = LargeTensors(full), []
+    with guard:
+        run, groups, engine = build(big + ["parallel.recompute=true"])
+        for step, batch in enumerate(global_batches(8)[:2]):
+            engine.chunks[0].window_control.begin_step(step, SEED, True)
+            m = engine.train_step([batch.chunk(groups.dp)[groups.dp_rank]])
+            metrics.append((m["train/loss"], m["train/grad_norm"]))
+        snap = snapshot_fast_weights(engine.model)
+        engine.eval_loss(global_batches(8)[2].chunk(groups.dp)[groups.dp_rank])
+        restore_fast_weights(engine.model, snap)
+        save_distributed(directory, engine.chunks, engine.optimizer)
+        load_distributed(directory, engine.chunks, engine.optimizer)
+    plain = train(big, 8, global_batches(8)[:2])
+    control = LargeTensors(full)
+    with control:
+        build_model(load_config(None, BASE + big[:2]), VOCAB)
+    return guard.seen, control.seen, [metrics, plain["metrics"]]
+
+
 def four_rank_worker(rank, directory):
     tp2 = train(["parallel.tp=2", "parallel.memory_parallel=2"], 4)
     # emulate_dp2's batches; the checkpoint of M=2 reloads at M=1 and at TP=2 x M=2
-    two_groups = train(["parallel.memory_parallel=2"], 8, global_batches(8), save_to=directory)
-    return tp2, two_groups, loaded([], directory), loaded(["parallel.tp=2", "parallel.memory_parallel=2"], directory)
+    two_groups = train(["parallel.memory_parallel=2"], 8, global_batches(8), save_to=f"{directory}/ckpt")
+    return (tp2, two_groups, loaded([], f"{directory}/ckpt"),
+            loaded(["parallel.tp=2", "parallel.memory_parallel=2"], f"{directory}/ckpt"),
+            no_full_tables(f"{directory}/big"))
 
 
 def gathered(results: list[dict], name: str) -> torch.Tensor:
@@ -157,6 +209,8 @@ def test_dp2_memory_parallel2_is_one_process_with_twice_the_micro_batch(referenc
 
 def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_path):
     persistent, _, emulated = reference
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "big").mkdir()
     ranks = run_ranks(four_rank_worker, 4, str(tmp_path))
     tp2 = [r[0] for r in ranks]
     assert_same_run(persistent, tp2, "TP=2 x M=2", grads=False)
@@ -183,6 +237,14 @@ def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_p
         for r in ranks:
             assert torch.equal(r[2]["fast"][name], saved), f"M=2 -> M=1: {name} differs"
         assert torch.equal(gathered([r[3] for r in ranks], name), saved), f"M=2 -> TP=2 x M=2: {name} differs"
+
+    # no rank ever held a tensor of the full table's size; a plain M=1 build does (the guard works)
+    for rank, r in enumerate(ranks):
+        seen, control, (recomputed, plain) = r[4]
+        assert not seen, f"rank {rank} allocated full-table-sized tensors: {seen[:5]}"
+        assert control, "the allocation guard missed a full table"
+        for a, b in zip(plain, recomputed):  # full recompute under M=2 writes once: same steps
+            assert abs(a[0] - b[0]) <= RTOL * abs(a[0]) and abs(a[1] - b[1]) <= RTOL * abs(a[1]), (plain, recomputed)
 
 
 def test_memory_parallel_config_errors_name_the_keys():
