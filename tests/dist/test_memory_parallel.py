@@ -7,7 +7,8 @@ What this proves, on the 2-layer GPT of test_parallel.py (FwPKM layer 0, static 
   between sequences, across ranks included);
 - TP=2 x M=2 (4 ranks) equals TP=1; DP=4 x M=2 (two groups, `persistent`) equals one process that runs
   the two group batches from one state and averages grads and states (the sparse sync of written rows);
-- a checkpoint saved at M=2 loads at M=1 and at TP=2 x M=2 with the same memory, bit for bit;
+- a checkpoint saved at M=2 loads at M=1 and at TP=2 x M=2 with the same memory, bit for bit, and
+  fwpkm-export's loader consolidates it in one process;
 - no rank allocates a tensor of the full table's size (build, steps with full recompute, the sync,
   a validation snapshot, checkpoint save and load), and full recompute under M=2 equals no recompute;
 - every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes.
@@ -153,10 +154,21 @@ def no_full_tables(directory) -> tuple[list, list, list]:
 def four_rank_worker(rank, directory):
     tp2 = train(["parallel.tp=2", "parallel.memory_parallel=2"], 4)
     # emulate_dp2's batches; the checkpoint of M=2 reloads at M=1 and at TP=2 x M=2
-    two_groups = train(["parallel.memory_parallel=2"], 8, global_batches(8), save_to=f"{directory}/ckpt")
-    return (tp2, two_groups, loaded([], f"{directory}/ckpt"),
-            loaded(["parallel.tp=2", "parallel.memory_parallel=2"], f"{directory}/ckpt"),
+    ckpt = f"{directory}/step/dist"
+    two_groups = train(["parallel.memory_parallel=2"], 8, global_batches(8), save_to=ckpt)
+    return (tp2, two_groups, loaded([], ckpt), loaded(["parallel.tp=2", "parallel.memory_parallel=2"], ckpt),
             no_full_tables(f"{directory}/big"))
+
+
+def export_worker(rank, step_dir):
+    """What fwpkm-export reads from a distributed checkpoint: its memory in one TP=1 process."""
+    from pathlib import Path
+
+    from fwpkm_megatron.export.layout import build_from_distributed
+
+    config = load_config(None, BASE + ["parallel.memory_parallel=2"]).to_dict()
+    model = build_from_distributed(Path(step_dir), config)[0]
+    return {n: b.clone() for n, b in model.named_buffers() if ".state." in n}
 
 
 def gathered(results: list[dict], name: str) -> torch.Tensor:
@@ -209,7 +221,7 @@ def test_dp2_memory_parallel2_is_one_process_with_twice_the_micro_batch(referenc
 
 def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_path):
     persistent, _, emulated = reference
-    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "step" / "dist").mkdir(parents=True)
     (tmp_path / "big").mkdir()
     ranks = run_ranks(four_rank_worker, 4, str(tmp_path))
     tp2 = [r[0] for r in ranks]
@@ -237,6 +249,9 @@ def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_p
         for r in ranks:
             assert torch.equal(r[2]["fast"][name], saved), f"M=2 -> M=1: {name} differs"
         assert torch.equal(gathered([r[3] for r in ranks], name), saved), f"M=2 -> TP=2 x M=2: {name} differs"
+    exported = run_ranks(export_worker, 1, str(tmp_path / "step"))[0]  # fwpkm-export's loader, one process
+    for name in ref_fast:
+        assert torch.equal(exported[name.removeprefix("0.")], gathered(groups[:2], name)), f"export: {name}"
 
     # no rank ever held a tensor of the full table's size; a plain M=1 build does (the guard works)
     for rank, r in enumerate(ranks):
