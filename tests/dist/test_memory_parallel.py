@@ -5,7 +5,7 @@ What this proves, on the 2-layer GPT of test_parallel.py (FwPKM layer 0, static 
   weight's, first step) and the final memory (columns gathered) within 1e-5;
   `per_sequence` too, and perturbing one sequence changes no other sequence's output (no information
   between sequences, across ranks included);
-- TP=2 x M=2 (4 ranks) equals TP=1; DP=4 x M=2 (two groups, `persistent`) equals one process that runs
+- TP=2 x M=2 (4 ranks) equals TP=1; PP=2 x M=2 (1F1B) equals one process with the group's micro-batches; DP=4 x M=2 (two groups, `persistent`) equals one process that runs
   the two group batches from one state and averages grads and states (the sparse sync of written rows);
 - a checkpoint saved at M=2 loads at M=1 and at TP=2 x M=2 with the same memory, bit for bit, and
   fwpkm-export's loader consolidates it in one process;
@@ -36,9 +36,11 @@ def batches(sequences: int, steps: int = STEPS) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (sequences, SEQ + 1), generator=g) for _ in range(steps)]
 
 
-def train(overrides: list[str], sequences: int, data: list[torch.Tensor] | None = None, save_to=None) -> dict:
+def train(overrides: list[str], sequences: int, data: list[torch.Tensor] | None = None, save_to=None,
+          split=None) -> dict:
     """One step per global batch (default `batches(sequences)`) on this rank's share; what the comparisons
-    need. `save_to`: then write a distributed checkpoint (model, fast weights, AdamW) there."""
+    need. `save_to`: then write a distributed checkpoint (model, fast weights, AdamW) there.
+    `split(batch, groups)`: this rank's micro-batches (default: its share as one micro-batch)."""
     from fwpkm_megatron.parallel.apply import exchanges
     from fwpkm_megatron.parallel.sharding import table_shards
 
@@ -47,7 +49,7 @@ def train(overrides: list[str], sequences: int, data: list[torch.Tensor] | None 
     for step, batch in enumerate(batches(sequences) if data is None else data):
         for chunk in engine.chunks:
             chunk.window_control.begin_step(step, SEED, True)
-        m = engine.train_step([batch.chunk(groups.dp)[groups.dp_rank]])
+        m = engine.train_step(split(batch, groups) if split else [batch.chunk(groups.dp)[groups.dp_rank]])
         metrics.append((m["train/loss"], m["train/grad_norm"], m["train/fast_weight_sync_bytes"]))
         if step == 0:  # the first step's (clipped) gradients, before the weights can drift apart
             grads = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
@@ -80,11 +82,23 @@ def perturbation(overrides: list[str], sequences: int) -> tuple[torch.Tensor, to
     return before, after
 
 
+def two_microbatches(batch, groups):
+    """This rank's 2 sequences as 2 micro-batches of 1."""
+    return list(batch.chunk(groups.dp)[groups.dp_rank].chunk(2))
+
+
+def group_microbatches(batch, groups):
+    """What a memory group of 2 ranks with `two_microbatches` computes, in one process: micro-batch i
+    is sequence i of both ranks (global sequences i and 2 + i)."""
+    return [batch[[0, 2]], batch[[1, 3]]]
+
+
 def reference_worker(rank):
     persistent = train([], 4)
     per_seq = train(["fwpkm.policy=per_sequence"], 4)
     emulated = emulate_dp2(rank, [], 8)  # two group batches of 4 from one state, averaged (test_parallel)
-    return persistent, per_seq, emulated
+    pipelined = train(["parallel.num_microbatches=2"], 4, split=group_microbatches)
+    return persistent, per_seq, emulated, pipelined
 
 
 def dp2_worker(rank):
@@ -156,8 +170,10 @@ def four_rank_worker(rank, directory):
     # emulate_dp2's batches; the checkpoint of M=2 reloads at M=1 and at TP=2 x M=2
     ckpt = f"{directory}/step/dist"
     two_groups = train(["parallel.memory_parallel=2"], 8, global_batches(8), save_to=ckpt)
+    pp2 = train(["parallel.pp=2", "parallel.memory_parallel=2", "parallel.num_microbatches=2"], 4,
+                split=two_microbatches)
     return (tp2, two_groups, loaded([], ckpt), loaded(["parallel.tp=2", "parallel.memory_parallel=2"], ckpt),
-            no_full_tables(f"{directory}/big"))
+            no_full_tables(f"{directory}/big"), pp2)
 
 
 def export_worker(rank, step_dir):
@@ -202,7 +218,7 @@ def reference():
 
 
 def test_dp2_memory_parallel2_is_one_process_with_twice_the_micro_batch(reference):
-    persistent, per_seq, emulated = reference
+    persistent, per_seq, emulated, _ = reference
     ranks = run_ranks(dp2_worker, 2)
     assert_same_run(persistent, [r[0] for r in ranks], "DP=2 x M=2 persistent")
     assert_same_run(per_seq, [r[1] for r in ranks], "DP=2 x M=2 per_sequence")
@@ -220,7 +236,7 @@ def test_dp2_memory_parallel2_is_one_process_with_twice_the_micro_batch(referenc
 
 
 def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_path):
-    persistent, _, emulated = reference
+    persistent, _, emulated, pipelined = reference
     (tmp_path / "step" / "dist").mkdir(parents=True)
     (tmp_path / "big").mkdir()
     ranks = run_ranks(four_rank_worker, 4, str(tmp_path))
@@ -249,6 +265,14 @@ def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_p
         for r in ranks:
             assert torch.equal(r[2]["fast"][name], saved), f"M=2 -> M=1: {name} differs"
         assert torch.equal(gathered([r[3] for r in ranks], name), saved), f"M=2 -> TP=2 x M=2: {name} differs"
+    # PP=2 x M=2 (1F1B, 2 micro-batches of 1 per rank) = one process with micro-batches of 2
+    pp2 = [r[5] for r in ranks]
+    for step, (a, b) in enumerate(zip(pipelined["metrics"], pp2[0]["metrics"])):
+        for name, x, y in (("loss", a[0], b[0]), ("grad_norm", a[1], b[1])):
+            assert abs(x - y) <= RTOL * abs(x), f"PP=2 x M=2: step {step} {name} {y} vs one process {x}"
+    holders = [r for r in pp2 if r["fast"]]  # stage 0 (world ranks 0 and 2) holds layer 0's memory
+    for name, full in pipelined["fast"].items():
+        assert_close(full, gathered(holders, name), f"PP=2 x M=2: {name}", atol=1e-5)
     exported = run_ranks(export_worker, 1, str(tmp_path / "step"))[0]  # fwpkm-export's loader, one process
     for name in ref_fast:
         assert torch.equal(exported[name.removeprefix("0.")], gathered(groups[:2], name)), f"export: {name}"
