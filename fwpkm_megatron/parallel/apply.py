@@ -40,7 +40,9 @@ def exchanges(chunks: list[nn.Module]) -> list[GroupExchange]:
     """The memory-group exchanges of the chunks' FwPKM layers (their byte counters)."""
     from fwpkm_megatron.memory import fwpkm_blocks
 
-    return [b.comm.exchange for c in chunks for b in fwpkm_blocks(c) if b.comm.exchange is not None]
+    found = {id(b.comm.exchange): b.comm.exchange for c in chunks for b in fwpkm_blocks(c)
+             if b.comm.exchange is not None}  # one per chunk, shared by its layers
+    return list(found.values())
 
 
 def fast_weight_states_sorted(chunks: list[nn.Module]) -> list:

@@ -8,7 +8,8 @@ What this proves, on the 2-layer GPT of test_parallel.py (FwPKM layer 0, static 
 - TP=2 x M=2 (4 ranks) equals TP=1; PP=2 x M=2 (1F1B) equals one process with the group's micro-batches; DP=4 x M=2 (two groups, `persistent`) equals one process that runs
   the two group batches from one state and averages grads and states (the sparse sync of written rows);
 - a checkpoint saved at M=2 loads at M=1 and at TP=2 x M=2 with the same memory, bit for bit, and
-  fwpkm-export's loader consolidates it in one process;
+  fwpkm-export's loader consolidates it in one process; `persistent_local` keeps (and reloads) one
+  memory per group;
 - no rank allocates a tensor of the full table's size (build, steps with full recompute, the sync,
   a validation snapshot, checkpoint save and load), and full recompute under M=2 equals no recompute;
 - every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes.
@@ -172,8 +173,10 @@ def four_rank_worker(rank, directory):
     two_groups = train(["parallel.memory_parallel=2"], 8, global_batches(8), save_to=ckpt)
     pp2 = train(["parallel.pp=2", "parallel.memory_parallel=2", "parallel.num_microbatches=2"], 4,
                 split=two_microbatches)
+    local = ["parallel.memory_parallel=2", "fwpkm.policy=persistent_local"]  # one memory per group
+    per_group = train(local, 8, global_batches(8)[:2], save_to=f"{directory}/local")
     return (tp2, two_groups, loaded([], ckpt), loaded(["parallel.tp=2", "parallel.memory_parallel=2"], ckpt),
-            no_full_tables(f"{directory}/big"), pp2)
+            no_full_tables(f"{directory}/big"), pp2, per_group, loaded(local, f"{directory}/local"))
 
 
 def export_worker(rank, step_dir):
@@ -239,6 +242,7 @@ def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_p
     persistent, _, emulated, pipelined = reference
     (tmp_path / "step" / "dist").mkdir(parents=True)
     (tmp_path / "big").mkdir()
+    (tmp_path / "local").mkdir()
     ranks = run_ranks(four_rank_worker, 4, str(tmp_path))
     tp2 = [r[0] for r in ranks]
     assert_same_run(persistent, tp2, "TP=2 x M=2", grads=False)
@@ -273,6 +277,12 @@ def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_p
     holders = [r for r in pp2 if r["fast"]]  # stage 0 (world ranks 0 and 2) holds layer 0's memory
     for name, full in pipelined["fast"].items():
         assert_close(full, gathered(holders, name), f"PP=2 x M=2: {name}", atol=1e-5)
+    # persistent_local: the two groups' memories differ and each comes back to its own group
+    values = [n for n in ref_fast if n.endswith("values")]
+    assert not torch.equal(ranks[0][6]["fast"][values[0]], ranks[2][6]["fast"][values[0]])
+    for r in ranks:
+        for name, saved in r[6]["fast"].items():
+            assert torch.equal(r[7]["fast"][name], saved), f"persistent_local M=2 reload: {name}"
     exported = run_ranks(export_worker, 1, str(tmp_path / "step"))[0]  # fwpkm-export's loader, one process
     for name in ref_fast:
         assert torch.equal(exported[name.removeprefix("0.")], gathered(groups[:2], name)), f"export: {name}"
