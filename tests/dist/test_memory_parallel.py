@@ -17,6 +17,8 @@ Ranks are forked from this process, which imported megatron-core once (tests/dis
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -310,3 +312,8 @@ def test_memory_parallel_config_errors_name_the_keys():
     assert "parallel.memory_parallel=2: must divide the data-parallel size 3" in "\n".join(problems)
     with pytest.raises(ConfigError, match="parallel.memory_parallel=0: must be >= 1"):
         load_config(None, BASE + ["parallel.memory_parallel=0"])
+    # the docs' example (docs/parallelism.md, "Growing the memory with the cluster") is a valid layout
+    paper = Path(__file__).resolve().parents[2] / "configs" / "paper-112m.yaml"
+    scaled = load_config(str(paper), ["fwpkm.num_slots=1048576", "fwpkm.d_v=1024", "parallel.tp=4",
+                                      "parallel.memory_parallel=8"])
+    assert layout_problems(scaled, 32) == []
