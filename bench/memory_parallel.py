@@ -8,6 +8,8 @@ divided by its tokens): the read (addresses and read weights all-gathered, reads
 all-to-all), the write (gates all-gathered, targets sent to their columns' owners by all-to-all), the
 key step (two small all-reduces per chunk), each forward and backward, next to the formulas of
 docs/parallelism.md. Also the fast-weight bytes per rank, and the TP x M = 4 layout (TP=2, M=2) at M=4.
+`--sync`: instead, DP=4 x M=2 (two memory groups, `persistent`): the bytes the sparse sync of the
+written rows sent per step and rank, against a dense all-reduce of the rank's table slice.
 CPU only: the byte counts are exact and independent of the device; times are not reported.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _overrides(args, m: int, tp: int) -> list[str]:
             f"parallel.memory_parallel={m}"]
 
 
-def _rank(rank, world, port, args, m, tp, out_dir):
+def _rank(rank, world, port, args, m, tp, out_dir, dp=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -49,18 +51,20 @@ def _rank(rank, world, port, args, m, tp, out_dir):
     groups = init_distributed(run.parallel, 0, run)
     engine = ParallelEngine(run, groups, args.vocab)
     g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
-    engine.train_step([batch])
+    batch = torch.randint(0, args.vocab, (world // tp * args.batch, args.seq + 1), generator=g)
+    metrics = engine.train_step([batch.chunk(groups.dp)[groups.dp_rank]])
     sent = {}
     for ex in exchanges(engine.chunks):
         for key, n in ex.sent.items():
             sent[key] = sent.get(key, 0) + n
     fast = sum(b.numel() * b.element_size() for s in fast_weight_states(engine.model).values() for b in s.buffers())
-    torch.save({"sent": sent, "fast": fast, "tokens": args.batch * args.seq}, f"{out_dir}/{rank}.pt")
+    values = sum(s.values.numel() * 4 for s in fast_weight_states(engine.model).values())
+    torch.save({"sent": sent, "fast": fast, "tokens": args.batch * args.seq, "values": values,
+                "synced": metrics["train/fast_weight_sync_bytes"]}, f"{out_dir}/{rank}.pt")
 
 
-def measure(args, m: int, tp: int = 1) -> dict:
-    world = m * tp
+def measure(args, m: int, tp: int = 1, world: int | None = None) -> dict:
+    world = world or m * tp
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_rank, args=(world, _port(), args, m, tp, out_dir), nprocs=world, start_method="spawn")
         results = [torch.load(f"{out_dir}/{r}.pt") for r in range(world)]
@@ -86,7 +90,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--sync", action="store_true", help="measure the sync between two memory groups")
     args = parser.parse_args()
+    if args.sync:
+        r = measure(args, 2, 1, world=4)
+        dense = r["values"] * 2  # a ring all-reduce of the slice sends about twice its size
+        print(f"DP=4 x M=2, persistent, N={args.slots}, d_v={args.d_v}, {args.batch} x {args.seq} tokens per rank: "
+              f"sparse sync sent {r['synced']:,} B per rank in the step; a dense all-reduce of the "
+              f"{r['values']:,} B slice would send about {dense:,} B")
+        return
     print(f"one FwPKM layer: N={args.slots}, d_v={args.d_v}, d_k={args.d_k}, k={args.topk}, H=1, "
           f"C={args.chunk}; {args.batch} x {args.seq} tokens per rank; bytes sent per token per rank")
     print(f"{'layout':<12} {'read fwd':>9} {'(formula)':>9} {'write fwd':>9} {'(formula)':>9} {'read bwd':>9} "
