@@ -8,7 +8,8 @@ tracker seeded from `seed`. `teardown()` undoes it, so tests can start over.
 `init_distributed(parallel, seed)` is the multi-process counterpart: it joins the world named by the
 launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), checks the layout, builds megatron's
 groups with data parallel outermost (order tp-cp-ep-pp-dp, so the consecutive ranks of one DP replica
-share a data rank, as the streaming loader expects) and returns a `ParallelGroups`. Code outside
+share a data rank, as the streaming loader expects), adds the memory groups of `parallel.memory_parallel`
+(`with_memory_groups`) and returns a `ParallelGroups`. Code outside
 `parallel/` receives that dataclass and never reads megatron's `parallel_state` itself.
 """
 from __future__ import annotations
