@@ -69,6 +69,12 @@ class FastWeightState(nn.Module):
             self.written_rows = merged
         self.values.index_copy_(0, rows, row_values.detach().to(torch.float32))
 
+    def _apply(self, fn, *args, **kwargs):
+        """Move the written-rows record with the buffers (`.to(device)`, `.cuda()`); it is not state."""
+        super()._apply(fn, *args, **kwargs)
+        self.clear_written()  # only ever non-empty within a step, never across a device move
+        return self
+
     def clear_written(self) -> None:
         """Forget the rows written since the last sync (after a sync, a restore or a reset)."""
         self.written_rows = torch.empty(0, dtype=torch.long, device=self.values.device)
