@@ -95,3 +95,14 @@ def test_sequence_parallel_and_partial_rope_rules_name_the_key():
         load_config(None, ["parallel.sequence_parallel=true", "parallel.tp=2"])
     run = load_config(None, ["model.rotary_percent=0.25", "model.qk_norm=true", "model.attention_output_gate=true"])
     assert (run.model.rotary_percent, run.model.qk_norm, run.model.attention_output_gate) == (0.25, True, True)
+
+
+def test_paper_config_validates_with_128_sequences_of_4096_per_step():
+    run = load_config(REPO / "configs" / "paper-112m.yaml")
+    dp = 8  # 1 node x 8 GPUs, TP = PP = 1
+    assert run.train.micro_batch_size * run.parallel.num_microbatches * dp == 128 and run.train.seq_len == 4096
+    m = run.model
+    assert (m.attention_output_gate, m.qk_norm, m.rotary_percent) == (True, True, 0.25)
+    four_nodes = load_config(REPO / "configs" / "paper-112m.yaml",
+                             ["train.micro_batch_size=4", "parallel.num_microbatches=1"])  # DP = 32
+    assert four_nodes.train.micro_batch_size * four_nodes.parallel.num_microbatches * 32 == 128
