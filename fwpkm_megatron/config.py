@@ -302,6 +302,10 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
         p.append("parallel.sequence_parallel=true: not supported: megatron-core's local layer spec (torch RMSNorm, "
                  "no TransformerEngine) has no sequence-parallel norms, and the FwPKM branch before the mixer scans "
                  "the whole sequence (docs/parallelism.md, 'Sequence parallelism'); use parallel.tp alone")
+    if tp > 1 and m.qk_norm and run.deepspeed.zero_stage in (2, 3):
+        p.append(f"model.qk_norm=true with parallel.tp={tp} and deepspeed.zero_stage={run.deepspeed.zero_stage}: "
+                 "the q/k norm grads must be summed over TP after the backward, but ZeRO-2/3 partition them "
+                 "during it; use zero_stage=1 (or -1)")
     if pp > 1 and par.num_microbatches < pp:
         p.append(f"parallel.num_microbatches={par.num_microbatches}: must be >= parallel.pp={pp}")
     if vpp > 1 and par.num_microbatches % pp:
