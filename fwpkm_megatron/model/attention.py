@@ -148,6 +148,14 @@ def _block_band(num_blocks: int, block: int, window: int, device: torch.device) 
     return visible.unsqueeze(1)
 
 
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hkv, L, D] -> [B, heads, L, D], query head i on kv head i // (heads / Hkv) (megatron's GQA layout).
+
+    Expanded rather than through SDPA's `enable_gqa`, which not every fused SDPA backend supports; a
+    refused backend would fall back to SDPA's math path, which materialises the scores."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
                              scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention where a query sees itself and the `window` - 1 previous keys (None: all previous).
@@ -165,8 +173,8 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     if window is None or window >= T:  # the band covers every earlier key: plain causal attention
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != Hkv,
-                                              dropout_p=dropout_p)
+        k, v = _expand_kv(k, Hq), _expand_kv(v, Hq)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
     C = max(window, MIN_QUERY_BLOCK)
     n = math.ceil(T / C)
     P = window - 1                                                   # keys before a block's first query
@@ -179,8 +187,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     qb = blocks(q.view(B, Hq, n, C, D), Hq, C)
     kb, vb = (blocks(x.transpose(-1, -2), Hkv, span) for x in (k, v))
-    if Hq != Hkv:  # expanded here so SDPA's masked fused kernels apply (enable_gqa narrows the choice)
-        kb, vb = (x.repeat_interleave(Hq // Hkv, dim=1) for x in (kb, vb))
+    kb, vb = _expand_kv(kb, Hq), _expand_kv(vb, Hq)
     mask = _block_band(n, C, window, q.device).expand(B, n, 1, C, span).reshape(B * n, 1, C, span)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale,
                                          dropout_p=dropout_p)                # [B*n, Hq, C, D]
@@ -215,6 +222,6 @@ class FusedWindowedAttention(DotProductAttention):
                 visible = ~band_mask(sq, key.size(0), window, query.device)
                 if attention_mask is not None:
                     visible = visible & ~attention_mask.bool()
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.softmax_scale,
-                                                     dropout_p=dropout_p, enable_gqa=np_ != k.shape[1])
+                out = F.scaled_dot_product_attention(q, _expand_kv(k, np_), _expand_kv(v, np_), attn_mask=visible,
+                                                     scale=self.softmax_scale, dropout_p=dropout_p)
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)               # [sq, b, hp]
