@@ -131,21 +131,22 @@ class WindowedDotProductAttention(DotProductAttention):
 MIN_QUERY_BLOCK = 64  # C = max(W, 64): small windows still get blocks large enough to keep kernels busy
 
 
-@functools.lru_cache(maxsize=32)
-def _block_band(num_blocks: int, block: int, window: int, device: torch.device) -> torch.Tensor:
-    """Which of a query block's C + W - 1 keys each query sees (True = visible), cached per (T, W, device).
+@functools.lru_cache(maxsize=8)
+def _block_band(batch: int, num_blocks: int, block: int, window: int, device: torch.device) -> torch.Tensor:
+    """Which of a query block's C + W - 1 keys each query sees (True = visible).
 
+    Cached per (B, T, W, device): built once, shared by every layer and step (B * T * (C + W - 1) bytes).
     Block i holds queries i*C + a (a < C) and keys i*C + c - (W-1) (c < C + W - 1). Query sees key iff
     key <= query and key > query - W, i.e. a <= c <= a + W - 1, and the key exists (position >= 0).
 
     Returns:
-        bool [num_blocks, 1, C, C + W - 1].
+        bool [B * num_blocks, 1, C, C + W - 1] (batch-major, as the blocks in `sliding_window_attention`).
     """
     a = torch.arange(block, device=device).view(1, -1, 1)
     c = torch.arange(block + window - 1, device=device).view(1, 1, -1)
     first = (torch.arange(num_blocks, device=device) * block).view(-1, 1, 1)  # first query of each block
     visible = (c >= a) & (c <= a + window - 1) & (first + c - (window - 1) >= 0)
-    return visible.unsqueeze(1)
+    return visible.expand(batch, *visible.shape).reshape(batch * num_blocks, 1, block, block + window - 1)
 
 
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -188,7 +189,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     qb = blocks(q.view(B, Hq, n, C, D), Hq, C)
     kb, vb = (blocks(x.transpose(-1, -2), Hkv, span) for x in (k, v))
     kb, vb = _expand_kv(kb, Hq), _expand_kv(vb, Hq)
-    mask = _block_band(n, C, window, q.device).expand(B, n, 1, C, span).reshape(B * n, 1, C, span)
+    mask = _block_band(B, n, C, window, q.device)                   # [B*n, 1, C, span]
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale,
                                          dropout_p=dropout_p)                # [B*n, Hq, C, D]
     return out.view(B, n, Hq, C, D).transpose(1, 2).reshape(B, Hq, n * C, D)[:, :, :T]
