@@ -301,7 +301,8 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
     elif par.sequence_parallel:
         p.append("parallel.sequence_parallel=true: not supported: megatron-core's local layer spec (torch RMSNorm, "
                  "no TransformerEngine) has no sequence-parallel norms, and the FwPKM branch before the mixer scans "
-                 "the whole sequence (docs/parallelism.md, 'Attention under TP; sequence parallelism'); use parallel.tp alone")
+                 "the whole sequence (docs/parallelism.md, 'Attention under TP; sequence parallelism'); "
+                 "use parallel.tp alone")
     if tp > 1 and m.qk_norm and run.deepspeed.zero_stage in (2, 3):
         p.append(f"model.qk_norm=true with parallel.tp={tp} and deepspeed.zero_stage={run.deepspeed.zero_stage}: "
                  "the q/k norm grads must be summed over TP after the backward, but ZeRO-2/3 partition them "

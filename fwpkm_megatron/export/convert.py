@@ -138,7 +138,8 @@ def hf_to_megatron(state: dict[str, torch.Tensor], run: RunConfig) -> dict[str, 
             if rest in inverse_simple:
                 out[pre + inverse_simple[rest]] = t
             elif rest == "self_attn.q_proj.weight":
-                projections = {p: state[f"model.layers.{i}.self_attn.{p}.weight"] for p in dict.fromkeys(_qkv_parts(run))}
+                projections = {p: state[f"model.layers.{i}.self_attn.{p}.weight"]
+                               for p in dict.fromkeys(_qkv_parts(run))}
                 out[pre + "self_attention.linear_qkv.weight"] = _join_qkv(projections, run)
             elif rest in ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.gate_proj.weight",
                           "mlp.up_proj.weight"):

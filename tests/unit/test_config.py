@@ -2,7 +2,8 @@
 
 What this proves: unknown keys, wrong types and out-of-range values raise one `ConfigError` that names
 every offending `section.key`; `fwpkm-train` turns that into a non-zero exit with the key on stderr
-before importing megatron-core. A new validation rule gets a case in `test_bad_values_...` (or its own test when it has several messages).
+before importing megatron-core. A new validation rule gets a case in `test_bad_values_...` (or its own
+test when it has several messages).
 """
 from __future__ import annotations
 
