@@ -41,6 +41,9 @@ class ModelConfig:
     window: int = 32                     # sliding window W: a query sees itself and W-1 previous tokens
     pswa_prob: float = 0.9               # pSWA: probability per step that full-attention layers use the window
     rope_base: float = 10000.0
+    rotary_percent: float = 1.0          # RoPE on this fraction of each head's channels (paper: 0.25), rest unrotated
+    qk_norm: bool = False                # RMSNorm per head on queries and keys before RoPE (paper: on)
+    attention_output_gate: bool = False  # attention output * sigmoid(gate), gate from the qkv projection (paper: on)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = True
@@ -59,6 +62,11 @@ class ModelConfig:
             p.append(f"model.attention={self.attention!r}: must be one of {ATTENTION_KINDS}")
         if not 0.0 <= self.pswa_prob <= 1.0:
             p.append(f"model.pswa_prob={self.pswa_prob}: must be in [0, 1]")
+        head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        rotary_dim = head_dim * self.rotary_percent
+        if not 0.0 < self.rotary_percent <= 1.0 or rotary_dim != int(rotary_dim) or int(rotary_dim) % 2:
+            p.append(f"model.rotary_percent={self.rotary_percent}: must be in (0, 1] with head_dim * rotary_percent "
+                     f"an even integer (head_dim={head_dim})")
         return p
 
 
@@ -207,6 +215,7 @@ class ParallelConfig:
     recompute: bool = False      # full activation recomputation of every layer (memory writes applied once)
     layout_independent_init: bool = True  # draw initial weights from one full build, equal at every TP/PP layout
     dist_backend: str = "auto"   # auto (nccl with CUDA, else gloo) | gloo | nccl
+    sequence_parallel: bool = False  # megatron's SP over the TP group; not supported here (docs/parallelism.md)
 
     def problems(self) -> list[str]:
         p = [f"parallel.{n}={getattr(self, n)}: must be >= 1"
@@ -289,6 +298,18 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
     if pp >= 1 and vpp >= 1 and m.num_layers % (pp * vpp):
         p.append(f"model.num_layers={m.num_layers}: must be divisible by parallel.pp * parallel.vpp = "
                  f"{pp} * {vpp} = {pp * vpp}")
+    if par.sequence_parallel and tp <= 1:
+        p.append(f"parallel.sequence_parallel=true: splits the sequence over the tensor-parallel group, so it "
+                 f"needs parallel.tp > 1 (got {tp})")
+    elif par.sequence_parallel:
+        p.append("parallel.sequence_parallel=true: not supported: megatron-core's local layer spec (torch RMSNorm, "
+                 "no TransformerEngine) has no sequence-parallel norms, and the FwPKM branch before the mixer scans "
+                 "the whole sequence (docs/parallelism.md, 'Attention under TP; sequence parallelism'); "
+                 "use parallel.tp alone")
+    if tp > 1 and m.qk_norm and run.deepspeed.zero_stage in (2, 3):
+        p.append(f"model.qk_norm=true with parallel.tp={tp} and deepspeed.zero_stage={run.deepspeed.zero_stage}: "
+                 "the q/k norm grads must be summed over TP after the backward, but ZeRO-2/3 partition them "
+                 "during it; use zero_stage=1 (or -1)")
     if pp > 1 and par.num_microbatches < pp:
         p.append(f"parallel.num_microbatches={par.num_microbatches}: must be >= parallel.pp={pp}")
     if vpp > 1 and par.num_microbatches % pp:

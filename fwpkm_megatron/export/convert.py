@@ -8,6 +8,8 @@ Only consolidated (TP=1, PP=1) state dicts appear here; `layout.py` gathers shar
 | decoder.layers.i.input_layernorm.weight                | model.layers.i.input_layernorm.weight          |
 | decoder.layers.i.self_attention.linear_qkv.weight      | model.layers.i.self_attn.{q,k,v}_proj.weight   |
 |   rows [ng, np/ng + 2, hn]: per query group its query heads, then k, then v                             |
+|   with the output gate [ng, 2 np/ng + 2, hn]: query heads, gate heads, k, v -> also self_attn.gate_proj  |
+| decoder.layers.i.self_attention.{q,k}_layernorm.weight | model.layers.i.self_attn.{q,k}_norm.weight     |
 | decoder.layers.i.self_attention.linear_proj.weight     | model.layers.i.self_attn.o_proj.weight         |
 | decoder.layers.i.pre_mlp_layernorm.weight              | model.layers.i.post_attention_layernorm.weight |
 | decoder.layers.i.mlp.linear_fc1.weight ([gate; up])    | model.layers.i.mlp.{gate,up}_proj.weight       |
@@ -37,6 +39,8 @@ _SIMPLE = {
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
 
 
@@ -46,9 +50,32 @@ def _heads(run: RunConfig) -> tuple[int, int, int]:
     return np_, ng, m.hidden_size // np_
 
 
+def _qkv_parts(run: RunConfig) -> list[str]:
+    """Head blocks of one query group in linear_qkv's rows, in megatron's order (attention.py)."""
+    np_, ng, _ = _heads(run)
+    gate = ["gate_proj"] * (np_ // ng) if run.model.attention_output_gate else []
+    return ["q_proj"] * (np_ // ng) + gate + ["k_proj", "v_proj"]
+
+
+def _split_qkv(t: torch.Tensor, run: RunConfig) -> dict[str, torch.Tensor]:
+    """linear_qkv.weight -> {q_proj, [gate_proj], k_proj, v_proj} weights (rows grouped per projection)."""
+    _, ng, hn = _heads(run)
+    parts = _qkv_parts(run)
+    w = t.view(ng, len(parts), hn, t.shape[-1])
+    return {name: w[:, [i for i, p in enumerate(parts) if p == name]].reshape(-1, t.shape[-1])
+            for name in dict.fromkeys(parts)}
+
+
+def _join_qkv(projections: dict[str, torch.Tensor], run: RunConfig) -> torch.Tensor:
+    """Inverse of `_split_qkv`."""
+    _, ng, hn = _heads(run)
+    parts = _qkv_parts(run)
+    blocks = {name: iter(w.view(ng, -1, hn, w.shape[-1]).unbind(1)) for name, w in projections.items()}
+    return torch.stack([next(blocks[name]) for name in parts], 1).reshape(-1, projections["q_proj"].shape[-1])
+
+
 def megatron_to_hf(state: dict[str, Any], run: RunConfig) -> dict[str, torch.Tensor]:
-    """Consolidated megatron state dict -> export names (see the module table); tensors are not copied."""
-    np_, ng, hn = _heads(run)
+    """Consolidated megatron state dict -> export names (see the module table); q/k/v/gate are copies."""
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for name, t in state.items():
@@ -67,10 +94,8 @@ def megatron_to_hf(state: dict[str, Any], run: RunConfig) -> dict[str, torch.Ten
             if rest in _SIMPLE:
                 out[pre + _SIMPLE[rest]] = t
             elif rest == "self_attention.linear_qkv.weight":
-                w = t.view(ng, np_ // ng + 2, hn, t.shape[-1])
-                out[pre + "self_attn.q_proj.weight"] = w[:, :np_ // ng].reshape(np_ * hn, -1)
-                out[pre + "self_attn.k_proj.weight"] = w[:, np_ // ng].reshape(ng * hn, -1)
-                out[pre + "self_attn.v_proj.weight"] = w[:, np_ // ng + 1].reshape(ng * hn, -1)
+                for proj, w in _split_qkv(t, run).items():
+                    out[pre + f"self_attn.{proj}.weight"] = w
             elif rest == "mlp.linear_fc1.weight":
                 gate, up = t.chunk(2, dim=0)
                 out[pre + "mlp.gate_proj.weight"], out[pre + "mlp.up_proj.weight"] = gate, up
@@ -94,7 +119,6 @@ def hf_to_megatron(state: dict[str, torch.Tensor], run: RunConfig) -> dict[str, 
     Loading the result into a freshly built single-process model (`strict=False`, missing only
     `_extra_state`) continues training from an export; sharded layouts split it per rank (parallel issue).
     """
-    np_, ng, hn = _heads(run)
     out: dict[str, torch.Tensor] = {}
     inverse_simple = {v: k for k, v in _SIMPLE.items()}
     layer = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -114,12 +138,12 @@ def hf_to_megatron(state: dict[str, torch.Tensor], run: RunConfig) -> dict[str, 
             if rest in inverse_simple:
                 out[pre + inverse_simple[rest]] = t
             elif rest == "self_attn.q_proj.weight":
-                q = t.view(ng, np_ // ng, hn, -1)
-                k = state[f"model.layers.{i}.self_attn.k_proj.weight"].view(ng, 1, hn, -1)
-                v = state[f"model.layers.{i}.self_attn.v_proj.weight"].view(ng, 1, hn, -1)
-                out[pre + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).reshape(-1, t.shape[-1])
-            elif rest in ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.up_proj.weight"):
-                continue  # consumed with q_proj / gate_proj
+                projections = {p: state[f"model.layers.{i}.self_attn.{p}.weight"]
+                               for p in dict.fromkeys(_qkv_parts(run))}
+                out[pre + "self_attention.linear_qkv.weight"] = _join_qkv(projections, run)
+            elif rest in ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.gate_proj.weight",
+                          "mlp.up_proj.weight"):
+                continue  # consumed with q_proj / mlp.gate_proj
             elif rest == "mlp.gate_proj.weight":
                 out[pre + "mlp.linear_fc1.weight"] = torch.cat([t, state[f"model.layers.{i}.mlp.up_proj.weight"]])
             else:
@@ -138,7 +162,8 @@ def hf_config_fields(run: RunConfig, vocab_size: int, *, policy: str) -> dict[st
         vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups or m.num_attention_heads,
         intermediate_size=m.ffn_hidden_size or 4 * m.hidden_size, max_position_embeddings=m.max_seq_len,
-        rope_theta=m.rope_base, rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_base, rms_norm_eps=m.norm_eps, rotary_percent=m.rotary_percent, qk_norm=m.qk_norm,
+        attention_output_gate=m.attention_output_gate,
         # swa windows every step; pswa and full attend fully at evaluation (model/attention.py)
         attention_window=m.window if m.attention == "swa" else None,
         tie_embeddings=m.tie_embeddings, initializer_range=m.init_std, fwpkm=fwpkm, pkm=pkm,

@@ -1,7 +1,11 @@
 """The GPT model: megatron-core's `GPTModel` built from the run config and the layer specs in `specs.py`.
 
 Backbone (method notes 4.1, scaled by the config): pre-norm RMSNorm decoder, RoPE, SwiGLU MLP, no biases,
-no dropout, optionally tied input/output embeddings, fp32 parameters. Attention is full, SWA or pSWA
+no dropout, optionally tied input/output embeddings, fp32 parameters. The paper's attention details are
+switches handled by megatron itself: `model.attention_output_gate` (TransformerConfig
+`attention_output_gate`: linear_qkv also emits a gate, output * sigmoid(gate) per head channel),
+`model.qk_norm` (`qk_layernorm` with the local spec's RMSNorm over each head) and `model.rotary_percent`
+(GPTModel's partial RoPE on the first fraction of each head's channels). Attention is full, SWA or pSWA
 through the shared `WindowControl` that the returned model carries as `model.window_control`; the
 trainer calls `model.window_control.begin_step(step, seed, model.training)` once per step.
 
@@ -39,6 +43,8 @@ def transformer_config(run: RunConfig, **overrides) -> TransformerConfig:
         ffn_hidden_size=m.ffn_hidden_size,          # None: megatron's default 4 * hidden_size
         normalization="RMSNorm",                   # torch.nn.RMSNorm through the local spec
         layernorm_epsilon=m.norm_eps,
+        qk_layernorm=m.qk_norm,                    # the spec's q/k norm slots are filled to match
+        attention_output_gate=m.attention_output_gate,
         gated_linear_unit=True,                    # SwiGLU: fc1 emits [gate, up], 2 * ffn_hidden_size wide
         activation_func=F.silu,
         add_bias_linear=False,
@@ -92,6 +98,7 @@ def build_model(run: RunConfig, vocab_size: int, *, config: TransformerConfig | 
         share_embeddings_and_output_weights=run.model.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=run.model.rope_base,
+        rotary_percent=run.model.rotary_percent,
         vp_stage=vp_stage,
     )
     model.window_control = window_control

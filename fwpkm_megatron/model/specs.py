@@ -1,8 +1,9 @@
 """Layer specs: how the memory layers and the attention window enter megatron-core's GPT.
 
-Everything starts from megatron's `get_gpt_layer_local_spec()` and changes three slots (style.md 10):
-- every layer's `self_attention.submodules.core_attention` becomes `WindowedDotProductAttention`
-  bound to the model's shared `WindowControl`;
+Everything starts from megatron's `get_gpt_layer_local_spec(qk_layernorm=model.qk_norm)` (per-head
+RMSNorm on q and k when on) and changes three slots (style.md 10):
+- every layer's `self_attention.submodules.core_attention` becomes `FusedWindowedAttention`
+  (O(T * W) memory) bound to the model's shared `WindowControl`;
 - the `mlp` slot of the layers in `run.pkm.layers` becomes the static PKM (`PKMMLP`, the MLP contract);
 - the layer class becomes `MemoryTransformerLayer`, which adds the FwPKM residual branch *before* the
   token mixer in the layers of `run.fwpkm.layers` (method notes 3.10):
@@ -29,7 +30,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from fwpkm_megatron.config import FwPKMConfig, RunConfig
-from fwpkm_megatron.model.attention import WindowControl, WindowedDotProductAttention
+from fwpkm_megatron.model.attention import FusedWindowedAttention, WindowControl
 
 
 class MemoryTransformerLayer(TransformerLayer):
@@ -66,11 +67,11 @@ def layer_specs(run: RunConfig, window_control: WindowControl, shards=(None, Non
     """One layer spec per global layer (index = 0-indexed layer id), before any pipeline slicing.
 
     `shards` = the (FwPKM, PKM) `memory.comm.TableShard` this rank builds its tables as (None: whole)."""
-    base = get_gpt_layer_local_spec(normalization="RMSNorm")
+    base = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=run.model.qk_norm)
     attention = base.submodules.self_attention
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(
         attention.submodules,
-        core_attention=ModuleSpec(module=WindowedDotProductAttention, params={"window_control": window_control}),
+        core_attention=ModuleSpec(module=FusedWindowedAttention, params={"window_control": window_control}),
     ))
     dense = dataclasses.replace(base.submodules, self_attention=attention)
     pkm = dataclasses.replace(dense, mlp=_pkm_mlp_spec(run, shards[1])) if run.pkm.layers else None

@@ -5,7 +5,8 @@ Used by the `Trainer` whenever the run is not a plain single-process step (world
 
     fb = megatron's forward_backward_func (no pipelining, 1F1B, or interleaved 1F1B)
     fb(forward_step, this rank's model chunks, num_microbatches)   # fast weights written in the forwards
-    finalize: tied-embedding grads over the embedding group; grads averaged over DP (or by ZeRO)
+    finalize: tied-embedding grads over the embedding group, q/k-norm grads over TP; grads averaged
+              over DP (or by ZeRO)
     grad norm over the model-parallel group (each TP shard and PP stage counted once); clip; AdamW
     sync_fast_weights over DP (`persistent` only; parallel/apply.py)
 
@@ -149,6 +150,7 @@ class ParallelEngine:
                     num_microbatches=len(batches), seq_length=batches[0].shape[1] - 1,
                     micro_batch_size=batches[0].shape[0], forward_only=False)
         self._allreduce_tied_embedding_grads()
+        self._allreduce_qk_norm_grads()
         lr = self.optimizer.param_groups[0]["lr"]
         if self.deepspeed is None:
             self._allreduce_dp_grads()
@@ -200,6 +202,23 @@ class ParallelEngine:
         grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
         dist.all_reduce(grad, group=groups.embedding_group)
         weight.grad = grad
+
+    def _allreduce_qk_norm_grads(self) -> None:
+        """Under TP each rank normalises only its own heads with the replicated per-head q/k RMSNorm weights,
+        so their grads are partial: sum them over the TP group, as megatron's finalize_model_grads does
+        for `qk_layernorm`."""
+        if self.groups.tp_group is None or not self.run.model.qk_norm:
+            return
+        grads = [p.grad for chunk in self.chunks for name, p in chunk.named_parameters()
+                 if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name)]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.groups.tp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def _allreduce_dp_grads(self) -> None:
         """Average the slow-weight grads over the DP group (one flat all-reduce)."""

@@ -5,7 +5,8 @@ What this proves, on a 2-layer GPT with an FwPKM branch (layer 0) and a static P
   global batch; with `persistent`, replicas hold identical fast weights after every step and equal one
   process that runs the two half-batches from one state and averages grads and states (the documented
   DP semantics: parallel/apply.py::sync_fast_weights); `persistent_local` replicas diverge, unsynced.
-- TP=2 (memory tables column-sharded) equals TP=1 and holds <= 0.55x the memory-table bytes.
+- TP=2 (memory tables column-sharded) equals TP=1 and holds <= 0.55x the memory-table bytes, also with
+  the paper's attention output gate, q/k norm and partial RoPE on (GQA).
 - PP=2 (1F1B), interleaved PP (vpp=2) and TP2 x PP2 equal PP=1 with the same micro-batches; full
   activation recomputation (PP=1 and PP=2) equals no recompute, fast weights included (no double write).
 - DeepSpeed ZeRO-1/2/3 (DP=2), ZeRO-2 with TP=2 and ZeRO-1 with PP=2 equal the plain optimizer.
@@ -138,6 +139,12 @@ def test_tp2_matches_tp1_and_halves_memory_table_bytes():
         got = gather_columns([tp[0][1][name], tp[1][1][name]], full.shape)
         assert torch.allclose(got, full, rtol=RTOL, atol=1e-5), f"{name}: TP=2 state differs from TP=1"
     assert tp[0][2] == tp[1][2] and tp[0][2] <= 0.55 * ref[2], (tp[0][2], ref[2])
+    # the paper's attention details (megatron's gated qkv split, per-head q/k norm, partial RoPE) with GQA
+    paper = ["model.attention_output_gate=true", "model.qk_norm=true", "model.rotary_percent=0.5",
+             "model.num_query_groups=2"]
+    ref = run_ranks(train, 1, paper, 4)[0]
+    tp = run_ranks(train, 2, ["parallel.tp=2", *paper], 4)
+    assert_metrics_close(ref[0], tp[0][0], "TP=2 vs TP=1, gated attention with q/k norm and partial RoPE")
 
 
 # ------------------------------------------------------------------------------------------------ PP

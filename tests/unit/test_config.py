@@ -2,7 +2,8 @@
 
 What this proves: unknown keys, wrong types and out-of-range values raise one `ConfigError` that names
 every offending `section.key`; `fwpkm-train` turns that into a non-zero exit with the key on stderr
-before importing megatron-core. A new validation rule gets a case in `test_bad_values_...`.
+before importing megatron-core. A new validation rule gets a case in `test_bad_values_...` (or its own
+test when it has several messages).
 """
 from __future__ import annotations
 
@@ -81,3 +82,28 @@ def test_cli_rejects_bad_key_before_slow_imports(tmp_path):
                 if line.startswith("import time:")]
     slow = [m for m in imported if m.split(".")[0] in ("megatron", "streaming", "torch")]
     assert not slow, f"config errors must be reported before heavy imports, yet imported {slow[:5]}"
+
+
+def test_sequence_parallel_and_partial_rope_rules_name_the_key():
+    # sequence_parallel: one rule without TP, another (not supported, with the reason) with TP
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["parallel.sequence_parallel=true", "model.rotary_percent=0.3"])
+    assert len(info.value.problems) == 2
+    assert "parallel.sequence_parallel=true: splits the sequence over the tensor-parallel group, so it needs " \
+           "parallel.tp > 1 (got 1)" in info.value.problems
+    assert "model.rotary_percent=0.3" in str(info.value)  # head_dim 32 * 0.3 is not an even integer
+    with pytest.raises(ConfigError, match="sequence_parallel=true: not supported: .*local layer spec"):
+        load_config(None, ["parallel.sequence_parallel=true", "parallel.tp=2"])
+    run = load_config(None, ["model.rotary_percent=0.25", "model.qk_norm=true", "model.attention_output_gate=true"])
+    assert (run.model.rotary_percent, run.model.qk_norm, run.model.attention_output_gate) == (0.25, True, True)
+
+
+def test_paper_config_validates_with_128_sequences_of_4096_per_step():
+    run = load_config(REPO / "configs" / "paper-112m.yaml")
+    dp = 8  # 1 node x 8 GPUs, TP = PP = 1
+    assert run.train.micro_batch_size * run.parallel.num_microbatches * dp == 128 and run.train.seq_len == 4096
+    m = run.model
+    assert (m.attention_output_gate, m.qk_norm, m.rotary_percent) == (True, True, 0.25)
+    four_nodes = load_config(REPO / "configs" / "paper-112m.yaml",
+                             ["train.micro_batch_size=4", "parallel.num_microbatches=1"])  # DP = 32
+    assert four_nodes.train.micro_batch_size * four_nodes.parallel.num_microbatches * 32 == 128

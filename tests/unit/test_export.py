@@ -1,7 +1,8 @@
 """Export of a trained tiny run to a Hugging Face directory, loaded with plain transformers (CPU, one process).
 
 What this proves:
-- the exported model's logits equal the in-training megatron model's within 1e-5 (fp32), on a sequence
+- the exported model's logits equal the in-training megatron model's within 1e-5 (fp32), with the
+  paper's attention output gate, per-head q/k RMSNorm and partial RoPE on, on a sequence
   spanning several chunks and a partial one, over consecutive calls (persistent: the fast-weight state
   evolves identically and equals megatron's buffers after every call) and under per_sequence;
 - feeding tokens one at a time through the cache (and `generate`) gives the same logits and memory state
@@ -22,8 +23,11 @@ import shutil
 import pytest
 import torch
 
+# The paper's attention details are on here (output gate, q/k norm, RoPE on a quarter of each head), so every
+# check below covers them; tests/dist/test_export_parallel.py exports runs with them off.
 TRAIN = ("train.steps=3", "model.attention=swa", "model.window=12", "model.num_query_groups=2",
-         "train.eval_batches=1")
+         "train.eval_batches=1", "model.attention_output_gate=true", "model.qk_norm=true",
+         "model.rotary_percent=0.25")
 SEQ = 29  # 3 full chunks of 8 and a partial one of 5
 
 
@@ -195,6 +199,8 @@ def test_export_names_fast_and_slow_weights_apart(exported):
         names = set(f.keys())
         meta = f.metadata()
     assert {"fast_weights.layer_0.keys", "fast_weights.layer_0.values"} <= names
+    attn = "model.layers.1.self_attn."  # the paper's attention details travel as their own tensors
+    assert {attn + "gate_proj.weight", attn + "q_norm.weight", attn + "k_norm.weight"} <= names
     assert all(n.startswith(("model.", "fast_weights.", "lm_head.")) for n in names)
     assert "fwpkm_fast_weights" in meta
     readme = (out / "README.md").read_text()

@@ -74,7 +74,7 @@ def test_memory_layers_sit_at_configured_layer_ids():
 
     from fwpkm_megatron.memory.fwpkm import FwPKMBlock
     from fwpkm_megatron.memory.pkm import PKMMLP
-    from fwpkm_megatron.model.attention import WindowedDotProductAttention
+    from fwpkm_megatron.model.attention import FusedWindowedAttention
 
     fwpkm_layers, pkm_layers = [0, 2], [2, 3]
     model = build(tiny_run(num_layers=4, fwpkm_layers=fwpkm_layers, pkm_layers=pkm_layers))
@@ -86,7 +86,7 @@ def test_memory_layers_sit_at_configured_layer_ids():
             assert layer.fwpkm is None
         assert type(layer.mlp) is (PKMMLP if i in pkm_layers else MLP)
         core = layer.self_attention.core_attention
-        assert isinstance(core, WindowedDotProductAttention) and core.window_control is model.window_control
+        assert isinstance(core, FusedWindowedAttention) and core.window_control is model.window_control
 
 
 def test_pipeline_stage_spec_matches_its_slice_of_the_global_layer_ids():

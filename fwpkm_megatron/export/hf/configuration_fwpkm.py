@@ -30,6 +30,7 @@ class FwPKMConfig(PretrainedConfig):
                  num_attention_heads: int = 4, num_key_value_heads: int | None = None,
                  intermediate_size: int | None = None, max_position_embeddings: int = 256,
                  rope_theta: float = 10000.0, rms_norm_eps: float = 1e-5, attention_window: int | None = None,
+                 rotary_percent: float = 1.0, qk_norm: bool = False, attention_output_gate: bool = False,
                  tie_embeddings: bool = True, initializer_range: float = 0.02, fwpkm: dict | None = None,
                  pkm: dict | None = None, fwpkm_policy: str = "per_sequence", fwpkm_update_chunk: int | None = None,
                  fwpkm_carry_lookahead: bool = False, use_cache: bool = True, **kwargs):
@@ -43,6 +44,9 @@ class FwPKMConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.attention_window = attention_window  # W: a query sees itself and W-1 earlier tokens; None = full
+        self.rotary_percent = rotary_percent      # RoPE on the first rotary_percent of each head's channels
+        self.qk_norm = bool(qk_norm)              # RMSNorm per head on q and k (before RoPE)
+        self.attention_output_gate = bool(attention_output_gate)  # attention output * sigmoid(gate_proj(x))
         self.tie_embeddings = tie_embeddings      # output layer = embedding matrix (no lm_head tensor)
         self.initializer_range = initializer_range
         self.fwpkm = dict(fwpkm or {"layers": []})

@@ -74,11 +74,38 @@ def rope_cos_sin(positions, head_dim: int, base: float):
     return emb.cos(), emb.sin()
 
 
+def rotary_dim(config) -> int:
+    """Channels per head that RoPE rotates (megatron: int(head_dim * rotary_percent)); the rest pass through."""
+    return int(config.hidden_size // config.num_attention_heads * getattr(config, "rotary_percent", 1.0))
+
+
 def apply_rope(x, cos, sin):
-    """x [B, heads, T, hd]; rotate-half form."""
+    """x [B, heads, T, hd]; rotate-half form on the first cos.shape[-1] channels (partial RoPE)."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    rot, rest = x[..., :cos.shape[-1]], x[..., cos.shape[-1]:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    return torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1)
+
+
+def attention_extras(config: FwPKMConfig, heads: int, head_dim: int):
+    """(q_norm, k_norm, gate_proj) of the paper's optional attention details (method notes 4.1), as megatron has them.
+
+    q_norm / k_norm: RMSNorm over each head's channels, before RoPE (megatron's qk_layernorm), else Identity.
+    gate_proj: the output gate's projection [h -> heads * hd] (megatron's attention_output_gate), else None;
+    see `gate_output`.
+    """
+    norm = getattr(config, "qk_norm", False)
+    q_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps) if norm else nn.Identity()
+    k_norm = nn.RMSNorm(head_dim, eps=config.rms_norm_eps) if norm else nn.Identity()
+    gate = getattr(config, "attention_output_gate", False)
+    return q_norm, k_norm, nn.Linear(config.hidden_size, heads * head_dim, bias=False) if gate else None
+
+
+def gate_output(out, gate_proj, x):
+    """Attention output out [B, T, heads * hd] times sigmoid(gate_proj(x)) in fp32, per head channel (or out)."""
+    if gate_proj is None:
+        return out
+    return (out * torch.sigmoid(gate_proj(x).float())).to(out.dtype)
 
 
 # ------------------------------------------------------------------------------ test-time memory
@@ -388,11 +415,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+        self.q_norm, self.k_norm, self.gate_proj = attention_extras(config, self.heads, self.head_dim)
 
     def forward(self, x, cos, sin, visible, past):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)       # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)    # [B, nkv, T, hd]
+        q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)).transpose(1, 2)     # [B, nh, T, hd]
+        k = self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)).transpose(1, 2)  # [B, nkv, T, hd]
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:
@@ -402,7 +430,7 @@ class Attention(nn.Module):
         scores = torch.matmul(q, kr.transpose(-1, -2)).float() / math.sqrt(self.head_dim)   # [B, nh, T, S]
         probs = scores.masked_fill(~visible, MASK_VALUE).softmax(-1).to(vr.dtype)
         out = torch.matmul(probs, vr).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(out), (k, v)
+        return self.o_proj(gate_output(out, self.gate_proj, x)), (k, v)
 
 
 class DecoderLayer(nn.Module):
@@ -550,8 +578,7 @@ class FwPKMForCausalLM(FwPKMPreTrainedModel, GenerationMixin):
             if bool(row_mask.all()):
                 row_mask = None
 
-        cos, sin = rope_cos_sin(position_ids, self.config.hidden_size // self.config.num_attention_heads,
-                                self.config.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, rotary_dim(self.config), self.config.rope_theta)
         h = self.model.embed_tokens(input_ids)
         new_cache = FwPKMCache(len(self.model.layers), memory) if use_cache else None
         for n, layer in enumerate(self.model.layers):
