@@ -20,11 +20,12 @@ def parallelize(chunks: list[nn.Module], groups: ParallelGroups, run) -> None:
     Under `persistent_local` with DP > 1 each fast-weight state is marked as its replica's own
     (`replica = (dp_rank, dp)`), so checkpoints keep one memory per DP rank (parallel/dist_checkpoint.py).
     """
+    from fwpkm_megatron.config import fast_weight_policy
     from fwpkm_megatron.memory import fast_weight_states
 
     for chunk in chunks:
         apply_memory_sharding(chunk, groups.tp_group, groups.tp_rank, groups.tp)
-        if run.fwpkm.policy == "persistent_local" and groups.dp > 1:
+        if fast_weight_policy(run) == "persistent_local" and groups.dp > 1:
             for state in fast_weight_states(chunk).values():
                 state.replica = (groups.dp_rank, groups.dp)
 
@@ -36,7 +37,7 @@ def fast_weight_tensors(chunks: list[nn.Module]) -> list[tuple[object, str]]:
     out = []
     for chunk in chunks:
         for _, state in sorted(fast_weight_states(chunk).items()):
-            out += [(state, "keys"), (state, "values")]
+            out += [(state, name) for name, _ in state.named_buffers(recurse=False)]  # FwPKM: keys, values
     return out
 
 

@@ -1,0 +1,108 @@
+"""FwMLP (the paper's dense fast-weight baseline): a SwiGLU MLP rewritten per chunk, read-then-write.
+
+    FwMLP(q) = W2 (silu(W1 q + b1) * (W3 q + b3)) + b2        fast weights theta = (w1, b1, w3, b3, w2, b2)
+
+Per chunk c (method notes 3.6 with the FwMLP row of 4.1): read y = FwMLP(q; theta_c), then one SGD step
+theta_{c+1} = theta_c - lr * grad L on the mean-reduced memorization loss
+
+    L = 1/2 * (1/M) * sum_{(b,t) with a target} w_bt * mean_d (y_btd - v*_btd)^2,   v*_bt = v_{b,t+lookahead}
+
+with M the (b, t) pairs whose target lies inside the chunk and w_bt the loss weight (the gate, or 1:
+the paper's FwMLP row has no loss gating). No per-row aggregation (a dense MLP has no rows).
+
+The inner gradient is written out in closed form (`fast_mlp_grad`), not taken with `autograd.grad`: the
+LM loss then backpropagates through every write with one ordinary first-order backward (no double
+backward), as through FwPKM's closed-form value step (ops/README.md). The test suite checks it
+against `torch.autograd.grad` of L and the whole scan with float64 `gradcheck`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class FastMLP(NamedTuple):
+    """A SwiGLU MLP's weights: w1, w3 [F, d_in] (silu / linear branch), w2 [d_v, F], biases b1, b3 [F], b2 [d_v]."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w3: torch.Tensor
+    b3: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+
+def swiglu(x: torch.Tensor, p: FastMLP) -> torch.Tensor:
+    """FwMLP(x) for x [..., d_in] -> [..., d_v]."""
+    return F.linear(F.silu(F.linear(x, p.w1, p.b1)) * F.linear(x, p.w3, p.b3), p.w2, p.b2)
+
+
+def fast_mlp_grad(x: torch.Tensor, p: FastMLP, target: torch.Tensor, weight: torch.Tensor) -> FastMLP:
+    """Closed-form gradient of 1/2 * sum_m weight_m * ||FwMLP(x_m) - target_m||^2 w.r.t. every weight.
+
+    x [M, d_in], target [M, d_v], weight [M] (the caller folds in has-target, the gate and 1/(M*d_v)).
+    With a = W1 x + b1, c = W3 x + b3, s = silu(a), u = s * c, y = W2 u + b2, r = weight * (y - target):
+        dW2 = r^T u, db2 = sum r;  du = r W2;  dc = du * s;  da = du * c * silu'(a)
+        dW1 = da^T x, db1 = sum da;  dW3 = dc^T x, db3 = sum dc;   silu'(a) = sig(a) (1 + a (1 - sig(a)))
+    """
+    a, c = F.linear(x, p.w1, p.b1), F.linear(x, p.w3, p.b3)
+    sig = torch.sigmoid(a)
+    s = a * sig
+    u = s * c
+    r = weight[:, None] * (F.linear(u, p.w2, p.b2) - target)
+    du = r @ p.w2
+    dc = du * s
+    da = du * c * sig * (1 + a * (1 - sig))
+    return FastMLP(w1=da.T @ x, b1=da.sum(0), w3=dc.T @ x, b3=dc.sum(0), w2=r.T @ u, b2=r.sum(0))
+
+
+def _chunk_step(q, v, lw, p: FastMLP, start: int, end: int, *, lookahead: int, lr: float,
+                detach_writes: bool) -> FastMLP | None:
+    """theta after chunk [start, end) of q [B, T, d_in], v [B, T, d_v], lw [B, T]; None when no token has a target."""
+    B, n = q.shape[0], end - start - lookahead
+    if n <= 0 or lr == 0:
+        return None
+    x = q[:, start:start + n].reshape(B * n, -1)
+    target = v[:, start + lookahead:end].reshape(B * n, -1)
+    weight = lw[:, start:start + n].reshape(B * n) / (B * n * v.shape[-1])  # 1/2 * mean over tokens and features
+    if detach_writes:  # ablation: the LM loss does not see through the writes
+        x, target, weight = x.detach(), target.detach(), weight.detach()
+        grad = fast_mlp_grad(x, FastMLP(*(t.detach() for t in p)), target, weight)
+    else:
+        grad = fast_mlp_grad(x, p, target, weight)
+    return FastMLP(*(w - lr * g for w, g in zip(p, grad)))
+
+
+def _scan_shared(q, v, lw, p: FastMLP, *, chunk_size: int, lookahead: int, lr: float, detach_writes: bool):
+    outs = []
+    for start in range(0, q.shape[1], chunk_size):
+        end = min(start + chunk_size, q.shape[1])
+        outs.append(swiglu(q[:, start:end], p))  # read with the weights from before this chunk
+        new = _chunk_step(q, v, lw, p, start, end, lookahead=lookahead, lr=lr, detach_writes=detach_writes)
+        p = p if new is None else new
+    return torch.cat(outs, 1), p
+
+
+def fwmlp_scan(q: torch.Tensor, v: torch.Tensor, lw: torch.Tensor, fast: FastMLP, *, chunk_size: int,
+               lookahead: int = 1, lr: float = 0.1, per_sequence: bool = False,
+               detach_writes: bool = False) -> tuple[torch.Tensor, FastMLP]:
+    """The chunked FwMLP scan (read with theta_c, then step on the chunk's loss).
+
+    Args:
+        q: [B, T, d_in] fast-MLP inputs; v: [B, T, d_v] values (the targets, z-scored when that is on);
+        lw: [B, T] per-token loss weights; fast: the state before the first chunk.
+        per_sequence: each sequence starts from `fast` with private writes; the returned state is `fast`.
+    Returns:
+        (y [B, T, d_v], the state after the last chunk). One state is shared by the batch otherwise (its
+        step averages over all B sequences' tokens). Differentiable end to end when an input requires grad.
+    """
+    kw = dict(chunk_size=chunk_size, lookahead=lookahead, lr=lr, detach_writes=detach_writes)
+    if not per_sequence:
+        return _scan_shared(q, v, lw, fast, **kw)
+    outs = [_scan_shared(q[b:b + 1], v[b:b + 1], lw[b:b + 1], fast, **kw)[0] for b in range(q.shape[0])]
+    return torch.cat(outs), fast
+
+
+__all__ = ["FastMLP", "fast_mlp_grad", "fwmlp_scan", "swiglu"]
