@@ -99,7 +99,7 @@ def test_scan_equals_autograd_stepped_scan_forward_and_backward(lookahead):
 
 
 def test_scan_gradcheck_through_three_chunks():
-    q, v, lw = scan_inputs(B=1, T=8, requires_grad=True)
+    q, v, lw = scan_inputs(B=2, T=9, requires_grad=True)
     p = fast_weights(requires_grad=True)
 
     def f(q, v, lw, *weights):
