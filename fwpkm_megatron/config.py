@@ -323,9 +323,9 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
         if tp > 1 and run.fwpkm.layers and not run.fwpkm.addr_loss:
             p.append(f"parallel.tp={tp}: fwpkm.addr_loss=false (keys moved by the MSE over d_v) is only "
                      "supported at tp=1")
-        if tp > 1 and run.fwmlp.layers:
-            p.append(f"parallel.tp={tp}: fwmlp.layers={run.fwmlp.layers} are only supported at tp=1 (the fast "
-                     "MLP is not TP-sharded yet)")
+        if run.fwmlp.layers and run.fwmlp.d_hidden % tp:
+            p.append(f"parallel.tp={tp}: must divide fwmlp.d_hidden={run.fwmlp.d_hidden} (the fast MLP's hidden "
+                     "dim is split)")
         if m.vocab_size is not None and m.vocab_size % tp:
             p.append(f"parallel.tp={tp}: must divide model.vocab_size={m.vocab_size}")
     if pp >= 1 and vpp >= 1 and m.num_layers % (pp * vpp):

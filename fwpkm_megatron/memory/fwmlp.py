@@ -3,7 +3,8 @@
 The block mirrors `FwPKMBlock` (memory/fwpkm.py) with the sparse table replaced by a fast SwiGLU MLP
 (ops/fast_mlp.py): q/v/g projections from the hidden state, the chunked read-then-write scan with
 z-scored lookahead targets, the gated mix of Eq. 12, RMSNorm and an output projection. It is a residual
-branch before the token mixer: h <- h + FwMLPBlock(h). Only tp=1 (config.py refuses tp > 1).
+branch before the token mixer: h <- h + FwMLPBlock(h). Under TP the fast MLP is split along its hidden
+dim like a megatron MLP (`FwMLPBlock.shard`); the slow projections are replicated.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class FwMLPState(nn.Module):
         super().__init__()
         self.init_seed = init_seed
         self.replica: tuple[int, int] | None = None  # (dp_rank, dp) under persistent_local with DP > 1
+        self.rows: slice | None = None  # this TP rank's slice of the hidden dim (None: all of it)
+        self.tp_group = None
+        self.d_hidden = d_hidden
         shapes = dict(w1=(d_hidden, d_in), b1=(d_hidden,), w3=(d_hidden, d_in), b3=(d_hidden,), w2=(d_v, d_hidden),
                       b2=(d_v,))
         for name, shape in shapes.items():
@@ -38,12 +42,35 @@ class FwMLPState(nn.Module):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Back to the initial state: matrices ~ N(0, 1/fan_in), biases 0 (the sources give no FwMLP init)."""
+        """Back to the initial state: matrices ~ N(0, 1/fan_in), biases 0 (the sources give no FwMLP init).
+
+        A TP shard draws the whole MLP as at TP=1 and keeps its rows, so every layout starts equal."""
         gen = torch.Generator(device="cpu").manual_seed(self.init_seed)
         for name in FastMLP._fields:
-            old = getattr(self, name)
-            new = torch.randn(old.shape, generator=gen) * old.shape[1] ** -0.5 if old.dim() == 2 else torch.zeros(old.shape)
-            setattr(self, name, new.to(old.device))
+            old, axis = getattr(self, name), self._hidden_axis(name)
+            shape = list(old.shape)
+            if axis is not None:
+                shape[axis] = self.d_hidden
+            new = torch.randn(shape, generator=gen) * shape[1] ** -0.5 if old.dim() == 2 else torch.zeros(shape)
+            setattr(self, name, self._local(name, new).to(old.device))
+
+    @staticmethod
+    def _hidden_axis(name: str) -> int | None:
+        """The axis of a fast tensor that runs along the hidden dim (None for b2)."""
+        return {"w1": 0, "b1": 0, "w3": 0, "b3": 0, "w2": 1}.get(name)
+
+    def _local(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        axis = self._hidden_axis(name)
+        if self.rows is None or axis is None:
+            return full
+        return full.narrow(axis, self.rows.start, self.rows.stop - self.rows.start).clone()
+
+    @torch.no_grad()
+    def shard_hidden(self, rows: slice, group) -> None:
+        """Keep this TP rank's rows of the hidden dim (w1, b1, w3, b3 rows; w2 columns)."""
+        self.rows, self.tp_group = rows, group
+        for name in FastMLP._fields:
+            setattr(self, name, self._local(name, getattr(self, name)))
 
     def fast(self) -> FastMLP:
         return FastMLP(*(getattr(self, n) for n in FastMLP._fields))
@@ -63,11 +90,12 @@ class FwMLPState(nn.Module):
             setattr(self, n, snap[n].clone().to(getattr(self, n).device))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
-        """dist_checkpointing view: TP-replicated (tp=1 only); a leading DP axis under persistent_local."""
+        """dist_checkpointing view: split along the hidden dim over TP; a leading DP axis under persistent_local."""
         from ..parallel.dist_checkpoint import sharded_tensors
 
+        axes = {n: a for n in FastMLP._fields if (a := self._hidden_axis(n)) is not None} if self.tp_group is not None else {}
         return sharded_tensors({n: getattr(self, n) for n in FastMLP._fields}, prefix, sharded_offsets, metadata,
-                               tp_axes={}, replica=self.replica)
+                               tp_axes=axes, tp_group=self.tp_group, replica=self.replica)
 
     def extra_repr(self) -> str:
         return f"d_in={self.w1.shape[1]}, d_hidden={self.w1.shape[0]}, d_v={self.w2.shape[0]}"
@@ -95,6 +123,7 @@ class FwMLPBlock(nn.Module):
         self.state = FwMLPState(d_in=cfg.d_in, d_hidden=cfg.d_hidden, d_v=cfg.d_v,
                                 init_seed=int(torch.randint(2**62, ())))
         self.last_gate: torch.Tensor | None = None
+        self.tp_group = None  # set by `shard`: the fast MLP's hidden dim is split over it
         self._recompute_stash: deque = deque()  # full recompute: the state each first pass read
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -116,7 +145,7 @@ class FwMLPBlock(nn.Module):
             self._recompute_stash.append(fast)  # by reference: the state is only ever rebound
         per_sequence = cfg.policy == "per_sequence"
         y, new = ops.fwmlp_scan(*scan_in, fast, chunk_size=cfg.chunk_size, lookahead=cfg.lookahead, lr=cfg.lr,
-                                per_sequence=per_sequence, detach_writes=cfg.detach_writes)
+                                per_sequence=per_sequence, detach_writes=cfg.detach_writes, group=self.tp_group)
         if not per_sequence and not recompute:  # persistent: the state after the last chunk carries on
             self.state.commit(new)
         mixed = y if g is None else g[..., None] * y + (1 - g[..., None]) * v               # Eq. 12
@@ -124,8 +153,14 @@ class FwMLPBlock(nn.Module):
         self.last_gate = None if g is None else g.detach()
         return out.transpose(0, 1)                                           # [s, b, h]
 
+    def shard(self, group, rank: int, size: int) -> None:
+        """Split the fast MLP's hidden dim over the TP group (parallel/sharding.py); slow weights stay replicated."""
+        per = self.cfg.d_hidden // size
+        self.state.shard_hidden(slice(rank * per, (rank + 1) * per), group)
+        self.tp_group = group
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
-        """dist_checkpointing view: every slow tensor TP-replicated (tp=1 only); the norms and state declare theirs."""
+        """dist_checkpointing view: every slow tensor TP-replicated; the norms and the state declare theirs."""
         from ..parallel.dist_checkpoint import child_tensors, sharded_tensors
 
         out = sharded_tensors(child_tensors(self, ["q_proj", "v_proj", "gate_proj", "out_proj"]), prefix,

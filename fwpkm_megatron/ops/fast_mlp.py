@@ -10,6 +10,12 @@ theta_{c+1} = theta_c - lr * grad L on the mean-reduced memorization loss
 with M the (b, t) pairs whose target lies inside the chunk and w_bt the loss weight (the gate, or 1:
 the paper's FwMLP row has no loss gating). No per-row aggregation (a dense MLP has no rows).
 
+Tensor parallelism (like a megatron MLP): with a TP `group`, w1/b1/w3/b3 hold this rank's rows of the
+hidden dim and w2 its columns; b2 and everything else is replicated. A rank's partial W2 u is summed
+over the group (`reduce_from`), and replicated tensors entering rank-local work (q, the residual r) go
+through `copy_to`, so every replicated tensor gets its full gradient on every rank. Each rank's rows after
+a step are exactly those rows of the unsharded step. With group None the helpers are the identity.
+
 The inner gradient is written out in closed form (`fast_mlp_grad`), not taken with `autograd.grad`: the
 LM loss then backpropagates through every write with one ordinary first-order backward (no double
 backward), as through FwPKM's closed-form value step (ops/README.md). The test suite checks it
@@ -21,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from ..parallel.sharding import copy_to, reduce_from
 
 
 class FastMLP(NamedTuple):
@@ -34,12 +42,13 @@ class FastMLP(NamedTuple):
     b2: torch.Tensor
 
 
-def swiglu(x: torch.Tensor, p: FastMLP) -> torch.Tensor:
-    """FwMLP(x) for x [..., d_in] -> [..., d_v]."""
-    return F.linear(F.silu(F.linear(x, p.w1, p.b1)) * F.linear(x, p.w3, p.b3), p.w2, p.b2)
+def swiglu(x: torch.Tensor, p: FastMLP, group=None) -> torch.Tensor:
+    """FwMLP(x) for x [..., d_in] -> [..., d_v] (x already through `copy_to` when sharded)."""
+    u = F.silu(F.linear(x, p.w1, p.b1)) * F.linear(x, p.w3, p.b3)
+    return reduce_from(F.linear(u, p.w2), group) + p.b2
 
 
-def fast_mlp_grad(x: torch.Tensor, p: FastMLP, target: torch.Tensor, weight: torch.Tensor) -> FastMLP:
+def fast_mlp_grad(x: torch.Tensor, p: FastMLP, target: torch.Tensor, weight: torch.Tensor, group=None) -> FastMLP:
     """Closed-form gradient of 1/2 * sum_m weight_m * ||FwMLP(x_m) - target_m||^2 w.r.t. every weight.
 
     x [M, d_in], target [M, d_v], weight [M] (the caller folds in has-target, the gate and 1/(M*d_v)).
@@ -51,15 +60,16 @@ def fast_mlp_grad(x: torch.Tensor, p: FastMLP, target: torch.Tensor, weight: tor
     sig = torch.sigmoid(a)
     s = a * sig
     u = s * c
-    r = weight[:, None] * (F.linear(u, p.w2, p.b2) - target)
-    du = r @ p.w2
+    r = weight[:, None] * (reduce_from(F.linear(u, p.w2), group) + p.b2 - target)      # replicated
+    r_local = copy_to(r, group)
+    du = r_local @ p.w2
     dc = du * s
     da = du * c * sig * (1 + a * (1 - sig))
-    return FastMLP(w1=da.T @ x, b1=da.sum(0), w3=dc.T @ x, b3=dc.sum(0), w2=r.T @ u, b2=r.sum(0))
+    return FastMLP(w1=da.T @ x, b1=da.sum(0), w3=dc.T @ x, b3=dc.sum(0), w2=r_local.T @ u, b2=r.sum(0))
 
 
 def _chunk_step(q, v, lw, p: FastMLP, start: int, end: int, *, lookahead: int, lr: float,
-                detach_writes: bool) -> FastMLP | None:
+                detach_writes: bool, group) -> FastMLP | None:
     """theta after chunk [start, end) of q [B, T, d_in], v [B, T, d_v], lw [B, T]; None when no token has a target."""
     B, n = q.shape[0], end - start - lookahead
     if n <= 0 or lr == 0:
@@ -69,36 +79,40 @@ def _chunk_step(q, v, lw, p: FastMLP, start: int, end: int, *, lookahead: int, l
     weight = lw[:, start:start + n].reshape(B * n) / (B * n * v.shape[-1])  # 1/2 * mean over tokens and features
     if detach_writes:  # ablation: the LM loss does not see through the writes
         x, target, weight = x.detach(), target.detach(), weight.detach()
-        grad = fast_mlp_grad(x, FastMLP(*(t.detach() for t in p)), target, weight)
+        grad = fast_mlp_grad(x, FastMLP(*(t.detach() for t in p)), target, weight, group)
     else:
-        grad = fast_mlp_grad(x, p, target, weight)
+        grad = fast_mlp_grad(x, p, target, weight, group)
     return FastMLP(*(w - lr * g for w, g in zip(p, grad)))
 
 
-def _scan_shared(q, v, lw, p: FastMLP, *, chunk_size: int, lookahead: int, lr: float, detach_writes: bool):
+def _scan_shared(q, v, lw, p: FastMLP, *, chunk_size: int, lookahead: int, lr: float, detach_writes: bool,
+                 group):
     outs = []
     for start in range(0, q.shape[1], chunk_size):
         end = min(start + chunk_size, q.shape[1])
-        outs.append(swiglu(q[:, start:end], p))  # read with the weights from before this chunk
-        new = _chunk_step(q, v, lw, p, start, end, lookahead=lookahead, lr=lr, detach_writes=detach_writes)
+        outs.append(swiglu(q[:, start:end], p, group))  # read with the weights from before this chunk
+        new = _chunk_step(q, v, lw, p, start, end, lookahead=lookahead, lr=lr, detach_writes=detach_writes,
+                          group=group)
         p = p if new is None else new
     return torch.cat(outs, 1), p
 
 
 def fwmlp_scan(q: torch.Tensor, v: torch.Tensor, lw: torch.Tensor, fast: FastMLP, *, chunk_size: int,
-               lookahead: int = 1, lr: float = 0.1, per_sequence: bool = False,
-               detach_writes: bool = False) -> tuple[torch.Tensor, FastMLP]:
+               lookahead: int = 1, lr: float = 0.1, per_sequence: bool = False, detach_writes: bool = False,
+               group=None) -> tuple[torch.Tensor, FastMLP]:
     """The chunked FwMLP scan (read with theta_c, then step on the chunk's loss).
 
     Args:
         q: [B, T, d_in] fast-MLP inputs; v: [B, T, d_v] values (the targets, z-scored when that is on);
         lw: [B, T] per-token loss weights; fast: the state before the first chunk.
         per_sequence: each sequence starts from `fast` with private writes; the returned state is `fast`.
+        group: TP group the hidden dim of `fast` is split over (None: unsharded); q, v, lw are replicated.
     Returns:
         (y [B, T, d_v], the state after the last chunk). One state is shared by the batch otherwise (its
         step averages over all B sequences' tokens). Differentiable end to end when an input requires grad.
     """
-    kw = dict(chunk_size=chunk_size, lookahead=lookahead, lr=lr, detach_writes=detach_writes)
+    kw = dict(chunk_size=chunk_size, lookahead=lookahead, lr=lr, detach_writes=detach_writes, group=group)
+    q = copy_to(q, group)  # replicated input of rank-local work
     if not per_sequence:
         return _scan_shared(q, v, lw, fast, **kw)
     outs = [_scan_shared(q[b:b + 1], v[b:b + 1], lw[b:b + 1], fast, **kw)[0] for b in range(q.shape[0])]

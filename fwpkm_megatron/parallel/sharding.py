@@ -149,11 +149,14 @@ def apply_memory_sharding(model: nn.Module, tp_group, tp_rank: int, tp_size: int
     is built). Returns the number of memory modules sharded; a no-op at tp_size 1."""
     if tp_size == 1:
         return 0
-    from fwpkm_megatron.memory import FwPKMBlock, PKMMLP
+    from fwpkm_megatron.memory import FwMLPBlock, FwPKMBlock, PKMMLP
 
     count = 0
     for m in model.modules():
-        if isinstance(m, FwPKMBlock):
+        if isinstance(m, FwMLPBlock):  # the FwMLP baseline: hidden dim split, like a megatron MLP
+            m.shard(tp_group, tp_rank, tp_size)
+            count += 1
+        elif isinstance(m, FwPKMBlock):
             shard_fwpkm_block(m, tp_group, tp_rank, tp_size)
             count += 1
         elif isinstance(m, PKMMLP):

@@ -248,7 +248,7 @@ def test_full_recompute_writes_once_and_matches_plain_backward():
     (["fwmlp.layers=[0]", "fwpkm.layers=[0]"], "at most one fast-weight branch"),
     (["fwmlp.layers=[5]"], "fwmlp.layers=[5]: ids [5] outside"),
     (["fwmlp.layers=[1]", "fwpkm.layers=[0]", "fwmlp.policy=per_sequence"], "must equal fwpkm.policy"),
-    (["fwmlp.layers=[0]", "parallel.tp=2"], "only supported at tp=1"),
+    (["fwmlp.layers=[0]", "fwmlp.d_hidden=30", "parallel.tp=4"], "parallel.tp=4: must divide fwmlp.d_hidden=30"),
     (["fwmlp.gate=false", "fwmlp.gate_weighted_loss=true"], "needs fwmlp.gate=true"),
     (["fwmlp.d_hidden=0", "fwmlp.lookahead=2"], "fwmlp.d_hidden=0: must be >= 1"),
     (["fwmlp.policy=episodic"], "fwmlp.policy='episodic'"),
