@@ -1,5 +1,5 @@
 """The FwMLP baseline (ops/fast_mlp.py, memory/fwmlp.py): math, causality, gradients through the writes,
-state policies, recompute, config rules, training and checkpoint round-trip.
+state policies, recompute, config rules, training, checkpoint round-trip, and the export's refusal.
 
 The closed-form inner gradient equals `torch.autograd.grad` of the gated, mean-reduced MSE; the scan
 equals an autograd-stepped scan (create_graph=True, i.e. double backward) forward and backward, and
@@ -254,7 +254,7 @@ def test_full_recompute_writes_once_and_matches_plain_backward():
     (["fwmlp.policy=episodic"], "fwmlp.policy='episodic'"),
 ])
 def test_config_rules(overrides, needle):
-    with pytest.raises(ConfigError, match=None) as err:
+    with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert needle in str(err.value), str(err.value)
 
@@ -273,7 +273,7 @@ def test_paper_recipe_loads():
 
 # ----------------------------------------------------------------------------- training smoke
 
-def test_training_loss_falls_and_resume_restores_fast_mlp(tiny_run, tmp_path):
+def test_training_loss_falls_resume_restores_fast_mlp_and_export_refuses(tiny_run, tmp_path):
     from fwpkm_megatron.training import Trainer
 
     fwmlp = ("fwpkm.layers=[]", "fwmlp.layers=[0]", "fwmlp.d_in=16", "fwmlp.d_hidden=24", "fwmlp.d_v=32",
@@ -288,6 +288,10 @@ def test_training_loss_falls_and_resume_restores_fast_mlp(tiny_run, tmp_path):
             trainer.close()
 
     ref, summary = train(tmp_path / "ref")
+    from fwpkm_megatron.export import ExportError, export_checkpoint
+    with pytest.raises(ExportError, match=r"FwMLP layers \(fwmlp.layers=\[0\]\).*not the FwMLP baseline"):
+        export_checkpoint(tmp_path / "ref", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
     assert summary["final_loss_mean_last_10"] < summary["losses"][0] - 0.4, summary["losses"]
     train(tmp_path / "resumed", stop_at=12)
     resumed, again = train(tmp_path / "resumed")
