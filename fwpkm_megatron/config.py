@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses that mirror the YAML tree one-to-one.
 
-A run is `RunConfig(model=..., fwpkm=..., pkm=..., data=..., train=...)`. `load_config(path, overrides)`
+A run is `RunConfig(model=..., fwpkm=..., pkm=..., fwmlp=..., data=..., train=...)`. `load_config(path, overrides)`
 reads a YAML file, applies dotted `a.b=c` overrides, rejects unknown or misplaced keys and reports
 *every* problem in one `ConfigError` naming the key and the rule. Each dataclass checks only its own
 invariants in `problems()`; checks spanning components live in `validate(run)`.
