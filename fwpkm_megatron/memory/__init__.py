@@ -77,5 +77,6 @@ def _layer_id_from_name(name: str) -> str:
     return parts[parts.index("layers") + 1] if "layers" in parts else name
 
 
-__all__ = ["FastWeightState", "FwMLPBlock", "FwMLPState", "FwPKMBlock", "PKMMLP", "fast_weight_numel", "fast_weight_states", "fwpkm_blocks",
-           "gate_histograms", "memory_stats", "reset_fast_weights", "restore_fast_weights", "snapshot_fast_weights"]
+__all__ = ["FastWeightState", "FwMLPBlock", "FwMLPState", "FwPKMBlock", "PKMMLP", "fast_weight_numel",
+           "fast_weight_states", "fwpkm_blocks", "gate_histograms", "memory_stats", "reset_fast_weights",
+           "restore_fast_weights", "snapshot_fast_weights"]

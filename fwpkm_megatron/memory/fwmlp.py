@@ -93,7 +93,8 @@ class FwMLPState(nn.Module):
         """dist_checkpointing view: split along the hidden dim over TP; a leading DP axis under persistent_local."""
         from ..parallel.dist_checkpoint import sharded_tensors
 
-        axes = {n: a for n in FastMLP._fields if (a := self._hidden_axis(n)) is not None} if self.tp_group is not None else {}
+        axes = {} if self.tp_group is None else {
+            n: a for n in FastMLP._fields if (a := self._hidden_axis(n)) is not None}
         return sharded_tensors({n: getattr(self, n) for n in FastMLP._fields}, prefix, sharded_offsets, metadata,
                                tp_axes=axes, tp_group=self.tp_group, replica=self.replica)
 

@@ -15,7 +15,7 @@ from fwpkm_megatron.training.engine import ParallelEngine
 
 from spawn import run_ranks
 
-VOCAB, SEQ, STEPS, SEED, RTOL = 128, 16, 4, 1234, 1e-5
+VOCAB, SEQ, STEPS, SEED, RTOL = 128, 16, 3, 1234, 1e-5
 BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.max_seq_len=32",
         "model.attention=swa", "model.window=8", f"model.vocab_size={VOCAB}", "fwmlp.layers=[0]", "fwmlp.d_in=16",
         "fwmlp.d_hidden=24", "fwmlp.d_v=32", "fwmlp.chunk_size=8", "fwmlp.lr=100.0", "fwmlp.gate_weighted_loss=true",
