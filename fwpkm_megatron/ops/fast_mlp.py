@@ -42,58 +42,61 @@ class FastMLP(NamedTuple):
     b2: torch.Tensor
 
 
-def swiglu(x: torch.Tensor, p: FastMLP, group=None) -> torch.Tensor:
-    """FwMLP(x) for x [..., d_in] -> [..., d_v] (x already through `copy_to` when sharded)."""
-    u = F.silu(F.linear(x, p.w1, p.b1)) * F.linear(x, p.w3, p.b3)
-    return reduce_from(F.linear(u, p.w2), group) + p.b2
-
-
-def fast_mlp_grad(x: torch.Tensor, p: FastMLP, target: torch.Tensor, weight: torch.Tensor, group=None) -> FastMLP:
-    """Closed-form gradient of 1/2 * sum_m weight_m * ||FwMLP(x_m) - target_m||^2 w.r.t. every weight.
-
-    x [M, d_in], target [M, d_v], weight [M] (the caller folds in has-target, the gate and 1/(M*d_v)).
-    With a = W1 x + b1, c = W3 x + b3, s = silu(a), u = s * c, y = W2 u + b2, r = weight * (y - target):
-        dW2 = r^T u, db2 = sum r;  du = r W2;  dc = du * s;  da = du * c * silu'(a)
-        dW1 = da^T x, db1 = sum da;  dW3 = dc^T x, db3 = sum dc;   silu'(a) = sig(a) (1 + a (1 - sig(a)))
-    """
+def _forward(x: torch.Tensor, p: FastMLP, group):
+    """y = FwMLP(x) and the activations (a, c, sigmoid(a), silu(a), u) its gradient needs."""
     a, c = F.linear(x, p.w1, p.b1), F.linear(x, p.w3, p.b3)
     sig = torch.sigmoid(a)
     s = a * sig
     u = s * c
-    r = weight[:, None] * (reduce_from(F.linear(u, p.w2), group) + p.b2 - target)      # replicated
+    return reduce_from(F.linear(u, p.w2), group) + p.b2, (a, c, sig, s, u)
+
+
+def swiglu(x: torch.Tensor, p: FastMLP, group=None) -> torch.Tensor:
+    """FwMLP(x) for x [..., d_in] -> [..., d_v] (x already through `copy_to` when sharded)."""
+    return _forward(x, p, group)[0]
+
+
+def fast_mlp_grad(x: torch.Tensor, p: FastMLP, target: torch.Tensor, weight: torch.Tensor, group=None,
+                  forward=None) -> FastMLP:
+    """Closed-form gradient of 1/2 * sum_m weight_m * ||FwMLP(x_m) - target_m||^2 w.r.t. every weight.
+
+    x [..., d_in], target [..., d_v], weight [...] (the caller folds in has-target, the gate and 1/(M*d_v));
+    `forward` = `_forward(x, p, group)` when the read already computed it (the scan reuses its read).
+    With a = W1 x + b1, c = W3 x + b3, s = silu(a), u = s * c, y = W2 u + b2, r = weight * (y - target):
+        dW2 = r^T u, db2 = sum r;  du = r W2;  dc = du * s;  da = du * c * silu'(a)
+        dW1 = da^T x, db1 = sum da;  dW3 = dc^T x, db3 = sum dc;   silu'(a) = sig(a) (1 + a (1 - sig(a)))
+    """
+    y, (a, c, sig, s, u) = _forward(x, p, group) if forward is None else forward
+    r = weight[..., None] * (y - target)                                   # replicated
     r_local = copy_to(r, group)
     du = r_local @ p.w2
     dc = du * s
     da = du * c * sig * (1 + a * (1 - sig))
+    x, r, r_local, u, dc, da = (t.reshape(-1, t.shape[-1]) for t in (x, r, r_local, u, dc, da))
     return FastMLP(w1=da.T @ x, b1=da.sum(0), w3=dc.T @ x, b3=dc.sum(0), w2=r_local.T @ u, b2=r.sum(0))
-
-
-def _chunk_step(q, v, lw, p: FastMLP, start: int, end: int, *, lookahead: int, lr: float,
-                detach_writes: bool, group) -> FastMLP | None:
-    """theta after chunk [start, end) of q [B, T, d_in], v [B, T, d_v], lw [B, T]; None when no token has a target."""
-    B, n = q.shape[0], end - start - lookahead
-    if n <= 0 or lr == 0:
-        return None
-    x = q[:, start:start + n].reshape(B * n, -1)
-    target = v[:, start + lookahead:end].reshape(B * n, -1)
-    weight = lw[:, start:start + n].reshape(B * n) / (B * n * v.shape[-1])  # 1/2 * mean over tokens and features
-    if detach_writes:  # ablation: the LM loss does not see through the writes
-        x, target, weight = x.detach(), target.detach(), weight.detach()
-        grad = fast_mlp_grad(x, FastMLP(*(t.detach() for t in p)), target, weight, group)
-    else:
-        grad = fast_mlp_grad(x, p, target, weight, group)
-    return FastMLP(*(w - lr * g for w, g in zip(p, grad)))
 
 
 def _scan_shared(q, v, lw, p: FastMLP, *, chunk_size: int, lookahead: int, lr: float, detach_writes: bool,
                  group):
+    B, T, d_v = v.shape
     outs = []
-    for start in range(0, q.shape[1], chunk_size):
-        end = min(start + chunk_size, q.shape[1])
-        outs.append(swiglu(q[:, start:end], p, group))  # read with the weights from before this chunk
-        new = _chunk_step(q, v, lw, p, start, end, lookahead=lookahead, lr=lr, detach_writes=detach_writes,
-                          group=group)
-        p = p if new is None else new
+    for start in range(0, T, chunk_size):
+        end = min(start + chunk_size, T)
+        x = q[:, start:end]
+        y, acts = _forward(x, p, group)  # the read, with the weights from before this chunk
+        outs.append(y)
+        n = end - start - lookahead      # tokens whose target v_{t+lookahead} is inside the chunk
+        if n <= 0 or lr == 0:
+            continue
+        target = v[:, start + lookahead:end]
+        weight = lw[:, start:start + n] / (B * n * d_v)  # 1/2 * mean over tokens and features
+        if detach_writes:  # ablation: the LM loss does not see through the writes
+            grad = fast_mlp_grad(x[:, :n].detach(), FastMLP(*(t.detach() for t in p)), target.detach(),
+                                 weight.detach(), group)
+        else:  # the step's prediction is the read of the chunk's first n tokens
+            grad = fast_mlp_grad(x[:, :n], p, target, weight, group,
+                                 forward=(y[:, :n], tuple(t[:, :n] for t in acts)))
+        p = FastMLP(*(w - lr * g for w, g in zip(p, grad)))
     return torch.cat(outs, 1), p
 
 
