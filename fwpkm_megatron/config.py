@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses that mirror the YAML tree one-to-one.
 
-A run is `RunConfig(model=..., fwpkm=..., pkm=..., data=..., train=...)`. `load_config(path, overrides)`
+A run is `RunConfig(model=..., fwpkm=..., pkm=..., fwmlp=..., data=..., train=...)`. `load_config(path, overrides)`
 reads a YAML file, applies dotted `a.b=c` overrides, rejects unknown or misplaced keys and reports
 *every* problem in one `ConfigError` naming the key and the rule. Each dataclass checks only its own
 invariants in `problems()`; checks spanning components live in `validate(run)`.
@@ -107,6 +107,38 @@ class FwPKMConfig:
             p.append(f"{prefix}.policy={self.policy!r}: must be one of {POLICIES}")
         if self.backend not in ("auto", "reference", "triton"):
             p.append(f"{prefix}.backend={self.backend!r}: must be auto, reference or triton")
+        return p
+
+
+@dataclass(kw_only=True)
+class FwMLPConfig:
+    """Fast-weight SwiGLU MLP baseline (method notes 4.1 "FwMLP"): FwPKM's chunk rule and target with a
+    dense fast MLP in place of the sparse table. Defaults are the paper's FwMLP row."""
+
+    layers: list[int] = field(default_factory=list)  # 0-indexed layers with an FwMLP branch before the mixer
+    d_in: int = 512              # query width (the fast MLP's input)
+    d_hidden: int = 2304         # the fast SwiGLU's hidden width
+    d_v: int = 512               # value/target width (the fast MLP's output)
+    chunk_size: int = 512        # C; writes land once per chunk, reads see earlier chunks only
+    lookahead: int = 1           # target of token t is v_{t+lookahead}
+    lr: float = 0.1              # fast-weight SGD step on the mean-reduced memorization loss
+    gate: bool = True            # learned scalar gate mixing the fast MLP's output and the dense value
+    gate_weighted_loss: bool = False  # the paper's FwMLP row has no loss gating (FwPKM's does)
+    value_zscore: bool = True    # z-score the value targets along d_v (App. A.3)
+    detach_writes: bool = False  # stop-gradient through the writes (first-order ablation)
+    policy: str = "persistent"   # persistent | persistent_local | per_sequence
+
+    def problems(self, prefix: str = "fwmlp") -> list[str]:
+        p = [f"{prefix}.{n}={getattr(self, n)}: must be >= 1"
+             for n in ("d_in", "d_hidden", "d_v", "chunk_size") if getattr(self, n) < 1]
+        if self.lookahead not in (0, 1):
+            p.append(f"{prefix}.lookahead={self.lookahead}: must be 0 or 1")
+        if self.lr < 0:
+            p.append(f"{prefix}.lr={self.lr}: must be >= 0")
+        if self.gate_weighted_loss and not self.gate:
+            p.append(f"{prefix}.gate_weighted_loss=true: needs {prefix}.gate=true (the loss weight is the gate)")
+        if self.policy not in POLICIES:
+            p.append(f"{prefix}.policy={self.policy!r}: must be one of {POLICIES}")
         return p
 
 
@@ -247,6 +279,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     fwpkm: FwPKMConfig = field(default_factory=FwPKMConfig)
     pkm: PKMConfig = field(default_factory=PKMConfig)
+    fwmlp: FwMLPConfig = field(default_factory=FwMLPConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -258,15 +291,24 @@ class RunConfig:
 
 def validate(run: RunConfig) -> None:
     """Check every component and the rules that span components; raise one ConfigError listing all."""
-    p = run.model.problems() + run.fwpkm.problems() + run.pkm.problems() + run.data.problems() + run.train.problems()
+    p = run.model.problems() + run.fwpkm.problems() + run.pkm.problems() + run.fwmlp.problems()
+    p += run.data.problems() + run.train.problems()
     p += run.parallel.problems() + run.deepspeed.problems() + layout_problems(run)
     n = run.model.num_layers
-    for name, layers in (("fwpkm.layers", run.fwpkm.layers), ("pkm.layers", run.pkm.layers)):
+    for name, layers in (("fwpkm.layers", run.fwpkm.layers), ("pkm.layers", run.pkm.layers),
+                         ("fwmlp.layers", run.fwmlp.layers)):
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
             p.append(f"{name}={layers}: ids {bad} outside [0, model.num_layers={n})")
         if len(set(layers)) != len(layers):
             p.append(f"{name}={layers}: duplicate layer ids")
+    both = sorted(set(run.fwpkm.layers) & set(run.fwmlp.layers))
+    if both:
+        p.append(f"fwmlp.layers={run.fwmlp.layers}: layers {both} already have an FwPKM branch (fwpkm.layers); "
+                 "a layer has at most one fast-weight branch")
+    if run.fwpkm.layers and run.fwmlp.layers and run.fwpkm.policy != run.fwmlp.policy:
+        p.append(f"fwmlp.policy={run.fwmlp.policy!r}: must equal fwpkm.policy={run.fwpkm.policy!r} when both have "
+                 "layers (DP sync and checkpoints apply one fast-weight policy to the whole run)")
     if run.train.seq_len > run.model.max_seq_len:
         p.append(f"train.seq_len={run.train.seq_len}: must be <= model.max_seq_len={run.model.max_seq_len}")
     if p:
@@ -291,6 +333,9 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
         if tp > 1 and run.fwpkm.layers and not run.fwpkm.addr_loss:
             p.append(f"parallel.tp={tp}: fwpkm.addr_loss=false (keys moved by the MSE over d_v) is only "
                      "supported at tp=1")
+        if run.fwmlp.layers and run.fwmlp.d_hidden % tp:
+            p.append(f"parallel.tp={tp}: must divide fwmlp.d_hidden={run.fwmlp.d_hidden} (the fast MLP's hidden "
+                     "dim is split)")
         if m.vocab_size is not None and m.vocab_size % tp:
             p.append(f"parallel.tp={tp}: must divide model.vocab_size={m.vocab_size}")
         if par.memory_parallel > 1:
@@ -331,6 +376,9 @@ def _memory_parallel_problems(run: RunConfig, tp: int, mp: int, world_size: int 
     if not f.layers:
         p.append(f"{key}: shards FwPKM tables, but fwpkm.layers is empty")
         return p
+    if run.fwmlp.layers:
+        p.append(f"{key} with fwmlp.layers={run.fwmlp.layers}: the dense FwMLP has no memory-group exchange; "
+                 "use memory_parallel=1")
     if f.d_v % (tp * mp):
         p.append(f"{key} with parallel.tp={tp}: fwpkm.d_v={f.d_v} must be divisible by tp * memory_parallel = "
                  f"{tp * mp} (tables are column-sharded over TP x M)")
@@ -345,6 +393,12 @@ def _memory_parallel_problems(run: RunConfig, tp: int, mp: int, world_size: int 
             p.append(f"{key}: must divide the data-parallel size {dp} (world size {world_size} / "
                      f"(parallel.tp * parallel.pp = {par.tp * par.pp}))")
     return p
+
+
+def fast_weight_policy(run: RunConfig) -> str:
+    """The run's fast-weight policy: fwpkm.policy, or fwmlp.policy when only FwMLP layers exist
+    (validate() makes the two agree when both have layers)."""
+    return run.fwmlp.policy if run.fwmlp.layers and not run.fwpkm.layers else run.fwpkm.policy
 
 
 _MISSING = object()

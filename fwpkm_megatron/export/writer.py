@@ -126,6 +126,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         raise ExportError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")
     state, config_dict, meta = read_checkpoint(checkpoint, dp_rank=dp_rank)
     run = from_dict(config_dict)
+    if run.fwmlp.layers:
+        raise ExportError(f"{checkpoint}: has FwMLP layers (fwmlp.layers={run.fwmlp.layers}); the Hugging Face "
+                          "export implements FwPKM, PKM and dense layers only, not the FwMLP baseline")
     vocab_size = int(state["embedding.word_embeddings.weight"].shape[0])
     tensors = megatron_to_hf(state, run)
     tok_file, data_manifest = _tokenizer_file(run, tokenizer)

@@ -1,9 +1,10 @@
-"""Memory layers (FwPKM, static PKM), their fast-weight state, and model-wide helpers over them."""
+"""Memory layers (FwPKM, static PKM, the FwMLP baseline), their fast-weight states, and model-wide helpers."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .fwmlp import FwMLPBlock, FwMLPState
 from .fwpkm import FwPKMBlock, read_statistics
 from .pkm import PKMMLP
 from .state import FastWeightState
@@ -14,9 +15,9 @@ def fwpkm_blocks(model: nn.Module) -> list[FwPKMBlock]:
     return sorted((m for m in model.modules() if isinstance(m, FwPKMBlock)), key=lambda m: m.layer_id)
 
 
-def fast_weight_states(model: nn.Module) -> dict[str, FastWeightState]:
-    """Module name -> FastWeightState for every FwPKM layer."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, FastWeightState)}
+def fast_weight_states(model: nn.Module) -> dict[str, FastWeightState | FwMLPState]:
+    """Module name -> fast-weight state (FwPKM's FastWeightState, FwMLP's FwMLPState) of every such layer."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (FastWeightState, FwMLPState))}
 
 
 def snapshot_fast_weights(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -40,12 +41,16 @@ def fast_weight_numel(model: nn.Module) -> int:
 def memory_stats(model: nn.Module) -> dict[str, float]:
     """TensorBoard scalars of the last forward: memory/layer{i}/{coverage,collision_rate,kl_uniform,gate_mean}.
 
-    Static PKM layers report their read statistics under memory/pkm_layer{i}/.
+    Static PKM layers report their read statistics under memory/pkm_layer{i}/, FwMLP layers their gate
+    under memory/fwmlp_layer{i}/.
     """
     out = {}
     for block in fwpkm_blocks(model):
         for key, value in block.statistics().items():
             out[f"memory/layer{block.layer_id}/{key}"] = value
+    for block in _fwmlp_blocks(model):
+        for key, value in block.statistics().items():
+            out[f"memory/fwmlp_layer{block.layer_id}/{key}"] = value
     for name, m in model.named_modules():
         if isinstance(m, PKMMLP) and m.last_reads is not None:
             layer = _layer_id_from_name(name)
@@ -55,9 +60,16 @@ def memory_stats(model: nn.Module) -> dict[str, float]:
 
 
 def gate_histograms(model: nn.Module) -> dict[str, torch.Tensor]:
-    """memory/layer{i}/gate -> 1-D gate values of the last forward."""
-    return {f"memory/layer{b.layer_id}/gate": b.last_gate.flatten() for b in fwpkm_blocks(model)
-            if b.last_gate is not None}
+    """memory/layer{i}/gate (FwPKM), memory/fwmlp_layer{i}/gate -> 1-D gate values of the last forward."""
+    out = {f"memory/layer{b.layer_id}/gate": b.last_gate.flatten() for b in fwpkm_blocks(model)
+           if b.last_gate is not None}
+    out.update({f"memory/fwmlp_layer{b.layer_id}/gate": b.last_gate.flatten() for b in _fwmlp_blocks(model)
+                if b.last_gate is not None})
+    return out
+
+
+def _fwmlp_blocks(model: nn.Module) -> list[FwMLPBlock]:
+    return sorted((m for m in model.modules() if isinstance(m, FwMLPBlock)), key=lambda m: m.layer_id)
 
 
 def _layer_id_from_name(name: str) -> str:
@@ -65,5 +77,6 @@ def _layer_id_from_name(name: str) -> str:
     return parts[parts.index("layers") + 1] if "layers" in parts else name
 
 
-__all__ = ["FastWeightState", "FwPKMBlock", "PKMMLP", "fast_weight_numel", "fast_weight_states", "fwpkm_blocks",
-           "gate_histograms", "memory_stats", "reset_fast_weights", "restore_fast_weights", "snapshot_fast_weights"]
+__all__ = ["FastWeightState", "FwMLPBlock", "FwMLPState", "FwPKMBlock", "PKMMLP", "fast_weight_numel",
+           "fast_weight_states", "fwpkm_blocks", "gate_histograms", "memory_stats", "reset_fast_weights",
+           "restore_fast_weights", "snapshot_fast_weights"]

@@ -8,6 +8,7 @@ RMSNorm on q and k when on) and changes three slots (style.md 10):
 - the layer class becomes `MemoryTransformerLayer`, which adds the FwPKM residual branch *before* the
   token mixer in the layers of `run.fwpkm.layers` (method notes 3.10):
       h = h + FwPKM(h);  h = h + Attn(norm(h));  h = h + (PKM or MLP)(norm(h))
+  and, in the layers of `run.fwmlp.layers`, the FwMLP baseline's branch in the same place.
 
 All layer ids in the config are 0-indexed and global (megatron's `layer_number` is 1-based and already
 includes the pipeline offset). megatron 0.16.1 does not slice a `TransformerBlockSubmodules` list for
@@ -29,7 +30,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
-from fwpkm_megatron.config import FwPKMConfig, RunConfig
+from fwpkm_megatron.config import FwMLPConfig, FwPKMConfig, RunConfig
 from fwpkm_megatron.model.attention import FusedWindowedAttention, WindowControl
 
 
@@ -37,12 +38,13 @@ class MemoryTransformerLayer(TransformerLayer):
     """megatron's `TransformerLayer` with an optional FwPKM residual branch before self-attention.
 
     The branch exists when this layer's 0-indexed global id (`layer_number - 1`) is in `fwpkm.layers`;
-    otherwise `self.fwpkm` is None and the layer is exactly a `TransformerLayer`. Input and output are
-    [s, b, h] as for the parent.
+    otherwise `self.fwpkm` is None and the layer is exactly a `TransformerLayer`. Likewise `self.fwmlp`
+    (the FwMLP baseline) for `fwmlp.layers`. Input and output are [s, b, h] as for the parent.
     """
 
     def __init__(self, config: TransformerConfig, submodules, layer_number: int = 1, hidden_dropout=None,
-                 pg_collection=None, vp_stage=None, *, fwpkm: FwPKMConfig, fwpkm_shard=None):
+                 pg_collection=None, vp_stage=None, *, fwpkm: FwPKMConfig, fwpkm_shard=None,
+                 fwmlp: FwMLPConfig | None = None):
         super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
                          pg_collection=pg_collection, vp_stage=vp_stage)
         self.layer_id = self.layer_number - 1  # 0-indexed, global (pipeline offset included)
@@ -50,10 +52,16 @@ class MemoryTransformerLayer(TransformerLayer):
         if self.layer_id in fwpkm.layers:
             from fwpkm_megatron.memory.fwpkm import FwPKMBlock
             self.fwpkm = FwPKMBlock(config, fwpkm, self.layer_id, shard=fwpkm_shard)
+        self.fwmlp = None
+        if fwmlp is not None and self.layer_id in fwmlp.layers:
+            from fwpkm_megatron.memory.fwmlp import FwMLPBlock
+            self.fwmlp = FwMLPBlock(config, fwmlp, self.layer_id)
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.fwpkm is not None:
             hidden_states = hidden_states + self.fwpkm(hidden_states)  # [s, b, h]
+        if self.fwmlp is not None:
+            hidden_states = hidden_states + self.fwmlp(hidden_states)
         return super().forward(hidden_states, *args, **kwargs)
 
 
@@ -75,7 +83,7 @@ def layer_specs(run: RunConfig, window_control: WindowControl, shards=(None, Non
     ))
     dense = dataclasses.replace(base.submodules, self_attention=attention)
     pkm = dataclasses.replace(dense, mlp=_pkm_mlp_spec(run, shards[1])) if run.pkm.layers else None
-    params = {"fwpkm": run.fwpkm, "fwpkm_shard": shards[0]}
+    params = {"fwpkm": run.fwpkm, "fwpkm_shard": shards[0], "fwmlp": run.fwmlp}
     return [
         ModuleSpec(module=MemoryTransformerLayer, params=params,
                    submodules=pkm if layer_id in run.pkm.layers else dense)

@@ -11,6 +11,7 @@ import os
 import torch
 
 from . import reference
+from .fast_mlp import FastMLP, fwmlp_scan  # FwMLP: dense, one reference implementation on every device
 from .reference import Address, ScanResult, TokenExchange, addressing_loss
 
 BACKENDS = ("auto", "reference", "triton")
@@ -91,5 +92,5 @@ def fwpkm_scan(q, v, g, keys, values, *, backend: str = "auto", **kw):
     return reference.fwpkm_scan(q, v, g, keys, values, **kw)
 
 
-__all__ = ["Address", "ScanResult", "TokenExchange", "addressing_loss", "fwpkm_scan", "fwpkm_scan_rows", "pkm_address", "pkm_read",
-           "resolve_backend"]
+__all__ = ["Address", "FastMLP", "ScanResult", "TokenExchange", "addressing_loss", "fwmlp_scan", "fwpkm_scan",
+           "fwpkm_scan_rows", "pkm_address", "pkm_read", "resolve_backend"]

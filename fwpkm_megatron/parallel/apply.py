@@ -23,13 +23,18 @@ def parallelize(chunks: list[nn.Module], groups: ParallelGroups, run) -> None:
     per group (parallel/dist_checkpoint.py); under `persistent` the states remember their written rows
     for the sparse sync between groups.
     """
-    from fwpkm_megatron.memory import fast_weight_states
+    from fwpkm_megatron.config import fast_weight_policy
+    from fwpkm_megatron.memory import FwMLPState, fast_weight_states
 
-    policy, count = run.fwpkm.policy, groups.num_mem_groups
+    policy, count = fast_weight_policy(run), groups.num_mem_groups
     for chunk in chunks:
         exchange = GroupExchange(groups.mp_group, groups.mp, groups.mp_rank) if groups.mp > 1 else None
         apply_memory_sharding(chunk, groups, exchange)
         for state in fast_weight_states(chunk).values():
+            if isinstance(state, FwMLPState):  # dense FwMLP: one copy per DP rank (memory_parallel is 1)
+                if policy == "persistent_local" and groups.dp > 1:
+                    state.replica = (groups.dp_rank, groups.dp)
+                continue
             state.group = (groups.mem_group_index, count)
             if policy == "persistent_local" and count > 1:
                 state.replica = state.group
@@ -55,9 +60,14 @@ def fast_weight_sync_bytes(chunks: list[nn.Module], groups: ParallelGroups | Non
     """Upper bound of the bytes one `sync_fast_weights` sends per rank: every row written (ring all-gather
     of int64 row ids and fp32 columns to G-1 groups) plus the keys' all-reduce. Real steps send the rows
     they wrote (`train/fast_weight_sync_bytes`)."""
+    from fwpkm_megatron.memory import FwMLPState
+
     n = 1 if groups is None else groups.num_mem_groups
     total = 0
     for state in fast_weight_states_sorted(chunks):
+        if isinstance(state, FwMLPState):  # dense all-reduce of every buffer
+            total += sum(b.numel() * 4 for b in state.buffers()) * 2 * (n - 1) // max(n, 1)
+            continue
         rows, cols = state.values.shape
         total += rows * (8 + 4 * cols) * (n - 1) + state.keys.numel() * 4 * 2 * (n - 1) // max(n, 1)
     return total
@@ -77,14 +87,32 @@ def sync_fast_weights(chunks: list[nn.Module], groups: ParallelGroups, policy: s
     group, count = groups.mem_sync_group if groups.mp > 1 else groups.dp_group, groups.num_mem_groups
     if policy != "persistent" or group is None or count == 1:
         return 0
+    from fwpkm_megatron.memory import FwMLPState
+
     sent = 0
     for state in fast_weight_states_sorted(chunks):
+        if isinstance(state, FwMLPState):  # a dense fast MLP: every weight changes, average it whole
+            sent += _average_dense(state, group, count)
+            continue
         sent += _sync_rows(state, group, count)
         keys = state.keys.clone()
         dist.all_reduce(keys, group=group)
         state.keys = keys / count  # rebind, as commit() does
         sent += keys.numel() * keys.element_size() * 2 * (count - 1) // count
     return sent
+
+
+def _average_dense(state, group, count: int) -> int:
+    """Average every buffer of a dense fast-weight state over the group (one all-reduce)."""
+    buffers = list(state.named_buffers(recurse=False))
+    flat = torch.cat([b.reshape(-1) for _, b in buffers])  # fp32
+    dist.all_reduce(flat, group=group)
+    flat /= count
+    offset = 0
+    for name, current in buffers:
+        setattr(state, name, flat[offset:offset + current.numel()].view_as(current).clone())  # rebind
+        offset += current.numel()
+    return flat.numel() * flat.element_size() * 2 * (count - 1) // count
 
 
 def _sync_rows(state, group, count: int) -> int:

@@ -307,13 +307,16 @@ def apply_memory_sharding(model: nn.Module, groups, exchange: GroupExchange | No
     (before the optimizer is built). Returns the number of memory modules changed; a no-op at TP = M = 1."""
     if groups.tp == 1 and exchange is None:
         return 0
-    from fwpkm_megatron.memory import FwPKMBlock, PKMMLP
+    from fwpkm_megatron.memory import FwMLPBlock, FwPKMBlock, PKMMLP
 
     fw_shard, pkm_shard = table_shards(groups)
     comm = ShardComm(groups.tp_group, groups.tp, exchange)
     count = 0
     for name, m in model.named_modules():
-        if isinstance(m, FwPKMBlock):
+        if isinstance(m, FwMLPBlock):  # the FwMLP baseline: hidden dim split over TP, like a megatron MLP
+            m.shard(groups.tp_group, groups.tp_rank, groups.tp)
+            count += 1
+        elif isinstance(m, FwPKMBlock):
             _check_table(f"{name}.state.values", m.state.values, fw_shard, m.cfg.d_v)
             shard_fwpkm_block(m, comm, groups.tp_rank, groups.tp)
             count += 1

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fwpkm_megatron.config import RunConfig
+from fwpkm_megatron.config import RunConfig, fast_weight_policy
 from fwpkm_megatron.parallel.apply import fast_weight_sync_bytes, parallelize, sync_fast_weights
 from fwpkm_megatron.parallel.groups import ParallelGroups
 from fwpkm_megatron.training.optim import build_optimizer
@@ -126,7 +126,8 @@ class ParallelEngine:
             self.deepspeed, self.optimizer, self.scheduler = build_deepspeed(self, run)
         else:
             self.optimizer, self.scheduler = build_optimizer(self.model, run.train)
-        self.sync_bytes = fast_weight_sync_bytes(self.chunks, groups) if run.fwpkm.policy == "persistent" else 0
+        self.sync_bytes = fast_weight_sync_bytes(self.chunks, groups) if (
+            fast_weight_policy(run) == "persistent") else 0
 
     # ------------------------------------------------------------------------------------ the step
 
@@ -160,7 +161,7 @@ class ParallelEngine:
         else:
             self.deepspeed.step()  # reduces over DP (ZeRO), clips, steps AdamW and the scheduler
             grad_norm = float(self.deepspeed.get_global_grad_norm())
-        synced = sync_fast_weights(self.chunks, groups, self.run.fwpkm.policy)
+        synced = sync_fast_weights(self.chunks, groups, fast_weight_policy(self.run))
         return {"train/loss": self._mean_loss(losses), "train/lr": lr, "train/grad_norm": grad_norm,
                 "train/fast_weight_sync_bytes": synced}
 
