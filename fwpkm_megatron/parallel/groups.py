@@ -18,11 +18,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from fwpkm_megatron.config import ParallelConfig, layout_problems
 from fwpkm_megatron.parallel import mcore_cpu
+from fwpkm_megatron.training.device import dist_backend, select_device
 
 
 class LayoutError(ValueError):
@@ -64,12 +64,6 @@ class ParallelGroups:
                 f"{f', VPP={self.vpp}' if self.vpp > 1 else ''}, DP={self.dp})")
 
 
-def _dist_backend(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 def init_distributed(parallel: ParallelConfig, seed: int, run=None) -> ParallelGroups:
     """Join the launcher's world and build megatron's TP/PP/DP groups for `parallel`.
 
@@ -94,10 +88,8 @@ def init_distributed(parallel: ParallelConfig, seed: int, run=None) -> ParallelG
     if world_size == 1 and not dist.is_initialized():
         init_single_process(seed)
     elif not dist.is_initialized():
-        backend = _dist_backend(parallel.dist_backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, init_method="env://")
+        select_device()  # cuda:LOCAL_RANK when CUDA is present (the one device rule, training/device.py)
+        dist.init_process_group(backend=dist_backend(parallel.dist_backend), init_method="env://")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -145,6 +137,7 @@ def init_single_process(seed: int) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     mcore_cpu.apply()
+    select_device()
     if not dist.is_initialized():
         _store_dir = tempfile.mkdtemp(prefix="fwpkm_store_")
         store = dist.FileStore(f"{_store_dir}/store", 1)
