@@ -45,9 +45,12 @@ class PKMMLP(nn.Module):
         x = hidden_states.reshape(s * b, h)
         tp = self.tp_group  # None: single process; else the query is replicated, d_v is this rank's slice
         q = copy_to(self.query_norm(self.query(x)), tp).view(s * b, self.cfg.heads, self.cfg.d_k)  # [M, H, d_k]
-        addr = ops.pkm_address(q, copy_to(self.sub_keys, tp), topk=self.cfg.topk, score=self.cfg.score, joint_softmax=False)
-        read = ops.pkm_read(self.values, addr.idx, addr.weight)                          # [M, d_v]
-        out = row_parallel_linear(self.value_proj, read * F.silu(self.swilu_proj(copy_to(x, tp))), tp)
+        # fp32 addressing whatever the compute dtype: top-k over near-tied scores is fragile in bf16
+        addr = ops.pkm_address(q.float(), copy_to(self.sub_keys, tp).float(), topk=self.cfg.topk, score=self.cfg.score,
+                               joint_softmax=False)
+        read = ops.pkm_read(self.values, addr.idx, addr.weight)                  # [M, d_v], fp32 accumulation
+        mixed = (read * F.silu(self.swilu_proj(copy_to(x, tp)))).to(x.dtype)
+        out = row_parallel_linear(self.value_proj, mixed, tp)
         self.last_reads = addr.idx.detach()
         return out.view(s, b, h), None
 

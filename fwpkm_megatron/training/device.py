@@ -76,6 +76,11 @@ def precision_problem(precision: str, device: torch.device | None = None) -> str
     return None
 
 
+def host_float(t: torch.Tensor) -> float:
+    """host sync: a device scalar as a Python float (the one place the engine's metrics leave the device)."""
+    return float(t)
+
+
 def collective_device(group=None) -> torch.device:
     """The device a tensor handed to a collective over `group` must be on (CUDA for NCCL, else the CPU)."""
     import torch.distributed as dist

@@ -28,6 +28,7 @@ from torch import nn
 from fwpkm_megatron.config import RunConfig
 from fwpkm_megatron.parallel.apply import fast_weight_sync_bytes, parallelize, sync_fast_weights
 from fwpkm_megatron.parallel.groups import ParallelGroups
+from fwpkm_megatron.training import device as devices
 from fwpkm_megatron.training.device import compute_dtype, rank_device
 
 
@@ -161,7 +162,7 @@ class ParallelEngine:
         """
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step()
-        return float(grad_norm)  # host sync
+        return float(grad_norm)  # a Python float already (megatron synced for the clip)
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> float:
@@ -186,7 +187,7 @@ class ParallelEngine:
         if groups.dp_group is not None:
             dist.all_reduce(value, group=groups.dp_group)
             value /= groups.dp
-        return float(value)
+        return devices.host_float(value)
 
     def _allreduce_tied_embedding_grads(self) -> None:
         """With PP and tied embeddings, sum the embedding's grad (first stage) and the output layer's
