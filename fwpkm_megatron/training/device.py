@@ -68,11 +68,19 @@ def precision_problem(precision: str, device: torch.device | None = None) -> str
         return f"train.precision={precision}: {torch.cuda.get_device_name(device)} has no bf16 support; use fp32"
     if device.type == "meta":
         return None
+    error = _bf16_matmul_error(device)
+    if error:
+        return f"train.precision={precision}: this {device.type} build has no bf16 matmul ({error}); use fp32"
+    return None
+
+
+def _bf16_matmul_error(device: torch.device) -> str | None:
+    """Why a tiny bf16 matmul and its backward fail on `device` (None when they run)."""
     try:
         a = torch.ones(4, 4, dtype=torch.bfloat16, device=device, requires_grad=True)
         (a @ a).float().sum().backward()
     except (RuntimeError, NotImplementedError) as exc:
-        return f"train.precision={precision}: this {device.type} build has no bf16 matmul ({exc}); use fp32"
+        return str(exc).splitlines()[0]
     return None
 
 

@@ -81,3 +81,62 @@ def test_cli_rejects_bad_key_before_slow_imports(tmp_path):
                 if line.startswith("import time:")]
     slow = [m for m in imported if m.split(".")[0] in ("megatron", "streaming", "torch")]
     assert not slow, f"config errors must be reported before heavy imports, yet imported {slow[:5]}"
+
+
+def test_global_batch_size_gives_microbatches_per_dp_rank_or_names_the_rule():
+    from fwpkm_megatron.config import layout_problems, num_microbatches
+
+    run = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=32"])
+    assert [num_microbatches(run, world) for world in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    tp2 = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=24", "parallel.tp=2"])
+    assert layout_problems(tp2, 4) == [] and num_microbatches(tp2, 4) == 3  # DP = 4 / 2
+    odd = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=24"])
+    assert layout_problems(odd, 4) == [
+        "train.global_batch_size=24: must be a multiple of train.micro_batch_size x DP = 4 x 4 = 16 "
+        "(DP = world size 4 / (parallel.tp * parallel.pp = 1))"]
+    both = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=32", "parallel.num_microbatches=3"])
+    assert "set only one of the two" in layout_problems(both, 4)[0]
+    pp = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=8", "parallel.pp=2",
+                            "model.num_layers=4"])  # micro-batches known only with the world size
+    assert "must be >= parallel.pp=2" in layout_problems(pp, 4)[0] and layout_problems(pp, 2) == []
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=10: must be 0 or a multiple of "
+                                          r"train.micro_batch_size=4"):
+        load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=10"])
+
+
+def test_layout_that_does_not_divide_the_global_batch_fails_before_any_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    from fwpkm_megatron.parallel.groups import LayoutError, init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    run = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=8"])
+    was_initialized = dist.is_initialized()
+    with pytest.raises(LayoutError, match=r"train.global_batch_size=8: must be a multiple of "
+                                          r"train.micro_batch_size x DP = 4 x 3 = 12"):
+        init_distributed(run.parallel, 0, run)
+    assert dist.is_initialized() == was_initialized
+
+
+def test_precision_and_optimizer_keys(monkeypatch, tmp_path):
+    import torch
+
+    from fwpkm_megatron.training import device
+
+    with pytest.raises(ConfigError, match=r"deepspeed.bf16: moved to train.precision"):
+        load_config(None, ["deepspeed.bf16=true"])
+    with pytest.raises(ConfigError, match=r"train.precision='fp16': must be one of \('fp32', 'bf16'\)"):
+        load_config(None, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"optimizer.distributed=true with deepspeed.zero_stage=1: pick one"):
+        load_config(None, ["optimizer.distributed=true", "deepspeed.zero_stage=1"])
+    assert device.precision_problem("fp32") is None
+    monkeypatch.setattr(device, "_bf16_matmul_error", lambda dev: "no bf16 kernel")
+    message = device.precision_problem("bf16", torch.device("cpu"))
+    assert message == "train.precision=bf16: this cpu build has no bf16 matmul (no bf16 kernel); use fp32"
+    # the Trainer checks it before it starts a process group or reads data
+    from fwpkm_megatron.training import trainer
+
+    run = load_config(None, ["train.precision=bf16", f"data.path={tmp_path / 'none'}",
+                             f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="train.precision=bf16: this cpu build has no bf16 matmul"):
+        trainer.Trainer(run)
