@@ -11,12 +11,12 @@ Patches, each with the failure it removes:
 
 1. The `torch` global of each module in `_MODULES` is replaced by `_CpuTorch`, a proxy that forwards every
    attribute to the real `torch` except two:
-   - `torch.cuda` becomes `_CpuCuda`: `current_device()` returns the CPU device, `synchronize()` and
+   - `torch.cuda` becomes `_CpuCuda`: `current_device()` returns the rank's device (the CPU), `synchronize()` and
      `empty_cache()` are no-ops, and `manual_seed`/`get_rng_state`/`set_rng_state` act on the CPU default
      generator. Without it, `RotaryEmbedding.__init__`/`get_emb` (inv_freq placement),
      `GlobalMemoryBuffer.get_tensor` (DotProductAttention's score buffer) and
      `model_parallel_cuda_manual_seed` fail with "Torch not compiled with CUDA enabled".
-   - tensor factories (`zeros`, `empty`, `arange`, ...) map `device="cuda"` to the CPU. Without it the stock
+   - tensor factories (`zeros`, `empty`, `arange`, ...) map `device="cuda"` to the rank's device. Without it the stock
      causal mask (`transformer.utils.get_default_causal_mask`, used when no mask is passed) fails the same way.
    The CPU generator stands in for the CUDA one because on a CPU every random op (dropout, init) draws
    from it; the tracker's `fork()` must therefore swap *its* state. (Mapping `torch.cuda.manual_seed` to
@@ -25,14 +25,15 @@ Patches, each with the failure it removes:
    versions. The originals index `torch.cuda.default_generators` and call `_C._cuda_setRNGState`; the
    tracker's `add`/`fork` and `CheckpointFunction` (full recompute) go through them.
 
+3. `LanguageModule.setup_embeddings_and_output_layer` (tied embeddings with PP > 1) calls
+   `weight.data.cuda()` before all-reducing the embedding over the embedding group; the wrapper makes
+   `Tensor.cuda` the identity for the duration of that call only.
 4. megatron's optimizers check `param.type()` against `'torch.cuda.FloatTensor'` (and the bf16/half names)
    while grouping parameters and before clipping; `_cuda_type_names_during` makes `Tensor.type()` report
    the CUDA name of a CPU tensor for the duration of those calls only (`Float16OptimizerWithFloat16Params`
    and `DistributedOptimizer` construction, `clip_grad_by_total_norm_fp32`).
-
-3. `LanguageModule.setup_embeddings_and_output_layer` (tied embeddings with PP > 1) calls
-   `weight.data.cuda()` before all-reducing the embedding over the embedding group; the wrapper makes
-   `Tensor.cuda` the identity for the duration of that call only.
+   megatron's DDP, `finalize_model_grads`, clipping and optimizers are in `_MODULES` for their scalars and
+   buffers on `current_device()` / `device="cuda"`.
 
 `_CpuCuda.current_device()` answers `training.device.rank_device()` (the CPU, or the device a test
 declares as the target), so megatron's allocations follow the model's device.
