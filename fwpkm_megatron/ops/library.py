@@ -114,9 +114,22 @@ _SCAN_OPTS = ("top_k", "chunk_size", "lookahead", "eps", "addr_loss_weight", "va
 
 
 def _reference_scan(q, v, g, keys, values, opts: dict):
+    """The reference scan with autograd back on: a custom op's implementation runs below the autograd
+    dispatch keys, and the scan's key step takes `torch.autograd.grad` of the addressing loss."""
     from . import reference
 
-    return reference.fwpkm_scan_rows(q, v, g, keys, values, **opts)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                         torch._C._dispatch_tls_local_exclude_set() - _autograd_keys()):
+        return reference.fwpkm_scan_rows(q, v, g, keys, values, **opts)
+
+
+def _autograd_keys():
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradCPU)
+    for name in ("AutogradCUDA", "AutogradMeta", "ADInplaceOrView", "AutogradOther", "AutogradFunctionality"):
+        key = getattr(torch._C.DispatchKey, name, None)
+        if key is not None:
+            keys = keys | torch._C.DispatchKeySet(key)
+    return keys
 
 
 @torch.library.custom_op("fwpkm::scan_rows", mutates_args=())
