@@ -208,8 +208,10 @@ class Trainer:
         if plain:
             state.pop("optimizer", None)  # a ZeRO run's partition (per-rank file); plain AdamW reads dist/ only
         if plain and not adamw:
-            self._resume_notes.append("optimizer state restarted: the checkpoint holds ZeRO partitions, "
-                                      "this run uses plain AdamW; model and fast weights loaded exactly")
+            self._resume_notes.append("optimizer state restarted: the checkpoint holds no per-parameter AdamW "
+                                      "state this run can use (ZeRO partitions, or megatron's distributed "
+                                      "optimizer, whose state is not saved yet); model and fast weights "
+                                      "loaded exactly")
         elif not plain and not (same_layout and "optimizer" in state):
             state.pop("optimizer", None)
             self._resume_notes.append("optimizer state restarted: ZeRO partitions resume only at the layout "
