@@ -83,8 +83,6 @@ def target():
 
 def _step(model, optimizer, params, batch):
     """The single-process trainer's step (training/trainer.py::_train_step) without its host syncs."""
-    from fwpkm_megatron.training.optim import lr_at  # noqa: F401  (same optimizer/scheduler build)
-
     inputs, labels = batch[:, :-1], batch[:, 1:]
     positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
     loss = model(inputs, positions, attention_mask=None, labels=labels).mean()
