@@ -1,7 +1,7 @@
 """Process groups and megatron's model-parallel state: one process, or a TP x PP x DP world.
 
 `init_single_process(seed)` is what tests, tools and the single-process trainer call before building a
-model: a world-size-1 gloo group (rendezvous through a FileStore in a temporary directory, so parallel
+model: a world-size-1 group, gloo on CPU and NCCL with CUDA (rendezvous through a FileStore in a temporary directory, so parallel
 test runs never race for a port), megatron's `parallel_state` with TP = PP = 1, and megatron's RNG
 tracker seeded from `seed`. `teardown()` undoes it, so tests can start over.
 
@@ -125,7 +125,8 @@ _owns_process_group = False     # True when init_single_process started torch.di
 
 
 def init_single_process(seed: int) -> None:
-    """Make this process a world of one: gloo group, megatron parallel state (TP=PP=1), seeded RNG tracker.
+    """Make this process a world of one (gloo on CPU, NCCL with CUDA; on the rank's device), megatron parallel
+    state (TP=PP=1) and a seeded RNG tracker.
 
     Each step is skipped when already done (e.g. torch.distributed started by torchrun), so calling it
     twice is harmless; the RNG tracker is reseeded every call.
@@ -141,7 +142,7 @@ def init_single_process(seed: int) -> None:
     if not dist.is_initialized():
         _store_dir = tempfile.mkdtemp(prefix="fwpkm_store_")
         store = dist.FileStore(f"{_store_dir}/store", 1)
-        dist.init_process_group(backend="gloo", store=store, rank=0, world_size=1)
+        dist.init_process_group(backend=dist_backend(), store=store, rank=0, world_size=1)  # NCCL with CUDA
         _owns_process_group = True
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
