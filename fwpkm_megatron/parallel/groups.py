@@ -1,9 +1,9 @@
 """Process groups and megatron's model-parallel state: one process, or a TP x PP x DP world.
 
 `init_single_process(seed)` is what tests, tools and the single-process trainer call before building a
-model: a world-size-1 group, gloo on CPU and NCCL with CUDA (rendezvous through a FileStore in a temporary directory, so parallel
-test runs never race for a port), megatron's `parallel_state` with TP = PP = 1, and megatron's RNG
-tracker seeded from `seed`. `teardown()` undoes it, so tests can start over.
+model: a world-size-1 group, gloo on CPU and NCCL with CUDA (rendezvous through a FileStore in a
+temporary directory, so parallel test runs never race for a port), megatron's `parallel_state` with
+TP = PP = 1, and megatron's RNG tracker seeded from `seed`. `teardown()` undoes it, so tests can start over.
 
 `init_distributed(parallel, seed)` is the multi-process counterpart: it joins the world named by the
 launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), checks the layout, builds megatron's
