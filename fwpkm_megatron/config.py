@@ -417,7 +417,8 @@ def from_dict(tree: dict[str, Any]) -> RunConfig:
         kwargs = {}
         for key, value in raw.items():
             if f"{f.name}.{key}" in MOVED_KEYS:
-                problems.append(f"{f.name}.{key}: moved to {MOVED_KEYS[f'{f.name}.{key}']}")
+                if value is not False:  # false (the old default, in older checkpoints' configs) changes nothing
+                    problems.append(f"{f.name}.{key}: moved to {MOVED_KEYS[f'{f.name}.{key}']}")
                 continue
             if key not in hints:
                 problems.append(f"{f.name}.{key}: unknown key (known: {', '.join(sorted(hints))})")

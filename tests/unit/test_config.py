@@ -125,6 +125,7 @@ def test_precision_and_optimizer_keys(monkeypatch, tmp_path):
 
     with pytest.raises(ConfigError, match=r"deepspeed.bf16: moved to train.precision"):
         load_config(None, ["deepspeed.bf16=true"])
+    assert load_config(None, ["deepspeed.bf16=false"]).train.precision == "fp32"  # older checkpoints' configs
     with pytest.raises(ConfigError, match=r"train.precision='fp16': must be one of \('fp32', 'bf16'\)"):
         load_config(None, ["train.precision=fp16"])
     with pytest.raises(ConfigError, match=r"optimizer.distributed=true with deepspeed.zero_stage=1: pick one"):
