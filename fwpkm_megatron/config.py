@@ -18,6 +18,9 @@ import yaml
 POLICIES = ("persistent", "persistent_local", "per_sequence")
 DP_SYNC = ("step",)  # persistent under DP; persistent_local is the unsynchronised per-rank mode
 ATTENTION_KINDS = ("full", "swa", "pswa")
+PRECISIONS = ("fp32", "bf16")
+# Keys that moved: the loader names the new place instead of calling them unknown.
+MOVED_KEYS = {"deepspeed.bf16": "train.precision (fp32 | bf16), used by every engine"}
 
 
 class ConfigError(ValueError):
@@ -216,6 +219,9 @@ class TrainConfig:
     save_every: int = 0              # 0 = only at the end
     keep_last: int = 2
     threads: int = 0                 # torch intra-op threads; 0 = leave torch's default
+    precision: str = "fp32"          # fp32 | bf16: bf16 compute, fp32 master weights and grads; fast weights fp32
+    global_batch_size: int = 0       # sequences per optimizer step, any layout (micro-batches per DP rank =
+                                     # global / (micro_batch_size x DP)); 0 = micro_batch_size x num_microbatches x DP
 
     def problems(self) -> list[str]:
         p = []
@@ -231,6 +237,12 @@ class TrainConfig:
             p.append(f"train.betas={self.betas}: must be two numbers in [0, 1)")
         if self.grad_clip < 0:
             p.append(f"train.grad_clip={self.grad_clip}: must be >= 0 (0 disables)")
+        if self.precision not in PRECISIONS:
+            p.append(f"train.precision={self.precision!r}: must be one of {PRECISIONS}")
+        if self.global_batch_size < 0 or (self.global_batch_size and self.micro_batch_size >= 1
+                                          and self.global_batch_size % self.micro_batch_size):
+            p.append(f"train.global_batch_size={self.global_batch_size}: must be 0 or a multiple of "
+                     f"train.micro_batch_size={self.micro_batch_size}")
         return p
 
 
@@ -265,13 +277,19 @@ class ParallelConfig:
 class DeepSpeedConfig:
     """DeepSpeed ZeRO as the data-parallel optimizer engine (torch AdamW as its client optimizer)."""
 
-    zero_stage: int = -1         # -1: no DeepSpeed (plain DP all-reduce + torch AdamW); 1-3: ZeRO stage
-    bf16: bool = False           # bf16 compute with fp32 master weights (DeepSpeed's bf16 mode)
+    zero_stage: int = -1         # -1: no DeepSpeed (megatron DDP + megatron's optimizer); 1-3: ZeRO stage
 
     def problems(self) -> list[str]:
         if self.zero_stage not in (-1, 1, 2, 3):  # stage 0 refuses the schedules' direct backward calls
             return [f"deepspeed.zero_stage={self.zero_stage}: must be -1 (off) or 1, 2, 3"]
         return []
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """megatron-core's optimizer on the plain (non-DeepSpeed) engine; AdamW hyperparameters are in `train`."""
+
+    distributed: bool = False    # megatron's DistributedOptimizer (ZeRO-1): AdamW state and update sharded over DP
 
 
 @dataclass(kw_only=True)
@@ -284,6 +302,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -309,6 +328,9 @@ def validate(run: RunConfig) -> None:
     if run.fwpkm.layers and run.fwmlp.layers and run.fwpkm.policy != run.fwmlp.policy:
         p.append(f"fwmlp.policy={run.fwmlp.policy!r}: must equal fwpkm.policy={run.fwpkm.policy!r} when both have "
                  "layers (DP sync and checkpoints apply one fast-weight policy to the whole run)")
+    if run.optimizer.distributed and run.deepspeed.zero_stage >= 0:
+        p.append(f"optimizer.distributed=true with deepspeed.zero_stage={run.deepspeed.zero_stage}: pick one "
+                 "(megatron's distributed optimizer is ZeRO-1 on the plain engine; DeepSpeed brings its own)")
     if run.train.seq_len > run.model.max_seq_len:
         p.append(f"train.seq_len={run.train.seq_len}: must be <= model.max_seq_len={run.model.max_seq_len}")
     if p:
@@ -355,11 +377,17 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
         p.append(f"model.qk_norm=true with parallel.tp={tp} and deepspeed.zero_stage={run.deepspeed.zero_stage}: "
                  "the q/k norm grads must be summed over TP after the backward, but ZeRO-2/3 partition them "
                  "during it; use zero_stage=1 (or -1)")
-    if pp > 1 and par.num_microbatches < pp:
-        p.append(f"parallel.num_microbatches={par.num_microbatches}: must be >= parallel.pp={pp}")
-    if vpp > 1 and par.num_microbatches % pp:
-        p.append(f"parallel.num_microbatches={par.num_microbatches}: interleaving needs a multiple of "
-                 f"parallel.pp={pp}")
+    batch_problem = global_batch_problem(run, world_size)
+    if batch_problem:
+        p.append(batch_problem)
+    derived = bool(run.train.global_batch_size)  # micro-batches known only with the world size
+    micro = num_microbatches(run, world_size)
+    where = "micro-batches per DP rank (from train.global_batch_size)" if derived else "parallel.num_microbatches"
+    checkable = not batch_problem and (not derived or data_parallel_size(run, world_size) is not None)
+    if checkable and pp > 1 and micro < pp:
+        p.append(f"{where}={micro}: must be >= parallel.pp={pp}")
+    if checkable and vpp > 1 and micro % pp:
+        p.append(f"{where}={micro}: interleaving needs a multiple of parallel.pp={pp}")
     if pp > 1 and run.deepspeed.zero_stage in (2, 3):
         p.append(f"deepspeed.zero_stage={run.deepspeed.zero_stage} with parallel.pp={pp}: DeepSpeed allows only "
                  "ZeRO-1 with pipeline parallelism (2/3 partition gradients during the backward, before the "
@@ -399,6 +427,42 @@ def fast_weight_policy(run: RunConfig) -> str:
     """The run's fast-weight policy: fwpkm.policy, or fwmlp.policy when only FwMLP layers exist
     (validate() makes the two agree when both have layers)."""
     return run.fwmlp.policy if run.fwmlp.layers and not run.fwpkm.layers else run.fwpkm.policy
+
+
+def data_parallel_size(run: RunConfig, world_size: int | None) -> int | None:
+    """DP = world size / (tp * pp), or None when the world size is unknown or does not divide."""
+    model_parallel = run.parallel.tp * run.parallel.pp
+    if world_size is None or model_parallel < 1 or world_size % model_parallel:
+        return None
+    return world_size // model_parallel
+
+
+def global_batch_problem(run: RunConfig, world_size: int | None) -> str | None:
+    """Why `train.global_batch_size` does not fit the layout (None when it does or is unset)."""
+    t, par = run.train, run.parallel
+    dp = data_parallel_size(run, world_size)
+    if not t.global_batch_size or dp is None or t.micro_batch_size < 1:
+        return None
+    per_pass = t.micro_batch_size * dp
+    if t.global_batch_size % per_pass:
+        return (f"train.global_batch_size={t.global_batch_size}: must be a multiple of train.micro_batch_size "
+                f"x DP = {t.micro_batch_size} x {dp} = {per_pass} (DP = world size {world_size} / "
+                f"(parallel.tp * parallel.pp = {par.tp * par.pp}))")
+    derived = t.global_batch_size // per_pass
+    if par.num_microbatches not in (1, derived):
+        return (f"parallel.num_microbatches={par.num_microbatches} with train.global_batch_size="
+                f"{t.global_batch_size}: the global batch gives {derived} micro-batches per DP rank "
+                f"({t.global_batch_size} / ({t.micro_batch_size} x DP={dp})); set only one of the two")
+    return None
+
+
+def num_microbatches(run: RunConfig, world_size: int | None = 1) -> int:
+    """Micro-batches per DP rank and step: from `train.global_batch_size` when set (it must divide, see
+    `global_batch_problem`), else `parallel.num_microbatches`."""
+    dp = data_parallel_size(run, world_size)
+    if not run.train.global_batch_size or dp is None:
+        return run.parallel.num_microbatches
+    return max(run.train.global_batch_size // (run.train.micro_batch_size * dp), 1)
 
 
 _MISSING = object()
@@ -453,6 +517,10 @@ def from_dict(tree: dict[str, Any]) -> RunConfig:
         hints = get_type_hints(cls)
         kwargs = {}
         for key, value in raw.items():
+            if f"{f.name}.{key}" in MOVED_KEYS:
+                if value is not False:  # false (the old default, in older checkpoints' configs) changes nothing
+                    problems.append(f"{f.name}.{key}: moved to {MOVED_KEYS[f'{f.name}.{key}']}")
+                continue
             if key not in hints:
                 problems.append(f"{f.name}.{key}: unknown key (known: {', '.join(sorted(hints))})")
                 continue

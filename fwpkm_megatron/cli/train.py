@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(run)
         summary = trainer.train()
-    except (DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:  # ConfigError: e.g. bf16 on a device without it
         print(f"fwpkm-train: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -57,10 +57,12 @@ class PKMMLP(nn.Module):
         x = hidden_states.reshape(s * b, h)
         comm = self.comm  # the query is replicated over TP, d_v is this rank's slice
         q = comm.copy_to(self.query_norm(self.query(x))).view(s * b, self.cfg.heads, self.cfg.d_k)  # [M, H, d_k]
-        addr = ops.pkm_address(q, comm.copy_to(self.sub_keys), topk=self.cfg.topk, score=self.cfg.score,
-                               joint_softmax=False)
-        read = ops.pkm_read(self.values, addr.idx, addr.weight)                          # [M, d_v]
-        out = comm.row_parallel_linear(self.value_proj, read * F.silu(self.swilu_proj(comm.copy_to(x))))
+        # fp32 addressing whatever the compute dtype: top-k over near-tied scores is fragile in bf16
+        addr = ops.pkm_address(q.float(), comm.copy_to(self.sub_keys).float(), topk=self.cfg.topk,
+                               score=self.cfg.score, joint_softmax=False)
+        read = ops.pkm_read(self.values, addr.idx, addr.weight)                  # [M, d_v], fp32 accumulation
+        mixed = (read * F.silu(self.swilu_proj(comm.copy_to(x)))).to(x.dtype)
+        out = comm.row_parallel_linear(self.value_proj, mixed)
         self.last_reads = addr.idx.detach()
         return out.view(s, b, h), None
 

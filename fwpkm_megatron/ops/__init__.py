@@ -1,6 +1,7 @@
 """Memory ops behind one dispatcher: the only place that picks a backend.
 
-`backend="auto"` uses Triton kernels on CUDA tensors and the reference on CPU; `FWPKM_BACKEND`
+`backend="auto"` uses Triton kernels on CUDA tensors (and their fakes on meta tensors, ops/library.py)
+and the reference on CPU; `FWPKM_BACKEND`
 (`reference` | `triton`) overrides it, as an escape hatch for Triton versions that miscompile.
 Layers import from here, never from `ops.reference` or `ops.triton` directly.
 """
@@ -10,7 +11,7 @@ import os
 
 import torch
 
-from . import reference
+from . import library, reference
 from .fast_mlp import FastMLP, fwmlp_scan  # FwMLP: dense, one reference implementation on every device
 from .reference import Address, ScanResult, TokenExchange, addressing_loss
 
@@ -35,6 +36,8 @@ def resolve_backend(backend: str, device) -> str:
     if choice not in BACKENDS:
         raise ValueError(f"memory-op backend {choice!r} (from {source}): must be one of {BACKENDS}")
     device_type = torch.device(device).type
+    if device_type == "meta":  # the device audit's stand-in for CUDA: the kernels' fakes run (ops/library.py)
+        device_type = "cuda"
     if choice == "auto":
         return "triton" if device_type == "cuda" else "reference"
     if choice == "triton" and device_type != "cuda" and not _interpreter_on():
@@ -71,13 +74,16 @@ def fwpkm_scan_rows(q, v, g, keys, values, *, backend: str = "auto", **kw) -> Sc
     """Chunked FwPKM scan returning written rows (see `reference.fwpkm_scan_rows`).
 
     A memory group (`exchange`, M > 1) runs the reference scan: `auto` picks it on any device; an
-    explicit `triton` is refused (the kernels have no group exchange yet).
+    explicit `triton` is refused (the kernels have no group exchange yet). Tensors without storage (meta)
+    take the `fwpkm::scan_rows` custom op, whose fake gives the outputs.
     """
     if kw.get("exchange") is not None:
         if backend == "triton" or os.environ.get("FWPKM_BACKEND") == "triton":
             raise NotImplementedError("a memory group (parallel.memory_parallel > 1) runs the reference scan; "
                                       "use fwpkm.backend=auto or reference")
         return reference.fwpkm_scan_rows(q, v, g, keys, values, **kw)
+    if q.device.type == "meta" and kw.get("written") is None:
+        return library.fwpkm_scan_rows(q, v, g, keys, values, **{k: x for k, x in kw.items() if k != "written"})
     if resolve_backend(backend, q.device) == "triton":
         if kw.get("written") is not None:
             raise NotImplementedError("continuing from `written` rows is reference-only; use backend='reference'")

@@ -72,8 +72,11 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
 
 
 def pkm_read(values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of the addressed rows, summed over heads: values [N, d_v], idx/weight [M, H, k] -> [M, d_v]."""
-    return torch.einsum("mhk,mhkd->md", weight, values[idx])
+    """Weighted sum of the addressed rows, summed over heads: values [N, d_v], idx/weight [M, H, k] -> [M, d_v].
+
+    Mixed dtypes (a bf16 table, fp32 weights) compute in the promoted dtype, as the Triton read does."""
+    dtype = torch.promote_types(weight.dtype, values.dtype)
+    return torch.einsum("mhk,mhkd->md", weight.to(dtype), values[idx].to(dtype))
 
 
 def addressing_loss(address: Address) -> torch.Tensor:

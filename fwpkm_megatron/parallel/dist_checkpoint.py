@@ -45,6 +45,32 @@ def model_sharded_state_dict(chunks: list[nn.Module]) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict(metadata=dict(METADATA)) for i, chunk in enumerate(chunks)}
 
 
+def adamw_view(optimizer) -> tuple[torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """(torch AdamW, [(model parameter, the tensor AdamW steps)]) of a torch or megatron optimizer.
+
+    megatron's FP32Optimizer steps the model parameters themselves; its Float16OptimizerWithFloat16Params
+    steps fp32 master copies (stored beside the moments as `main_param`). None for megatron's
+    DistributedOptimizer, whose state is sharded over DP (its checkpoints keep model and fast weights).
+    """
+    if optimizer is None:
+        return None
+    if not hasattr(optimizer, "chained_optimizers"):
+        return optimizer, [(p, p) for g in optimizer.param_groups for p in g["params"]]
+    pairs, inner = [], []
+    for opt in optimizer.chained_optimizers:
+        if hasattr(opt, "shard_fp32_from_float16_groups") or type(opt).__name__ == "DistributedOptimizer":
+            return None
+        inner.append(opt.optimizer)
+        if hasattr(opt, "float16_groups"):  # Float16OptimizerWithFloat16Params: per group, half then fp32 params
+            for half, main, fp32 in zip(opt.float16_groups, opt.fp32_from_float16_groups, opt.fp32_from_fp32_groups):
+                pairs += list(zip(half, main)) + [(p, p) for p in fp32]
+        else:
+            pairs += [(p, p) for g in opt.optimizer.param_groups for p in g["params"]]
+    if len(inner) != 1:
+        raise ValueError(f"expected one optimizer over the dense parameters, got {len(inner)}")
+    return inner[0], pairs
+
+
 def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter AdamW state (zeros, step 0) so it has a place in the checkpoint.
 
@@ -57,40 +83,67 @@ def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
                                       "exp_avg_sq": torch.zeros_like(p)}
 
 
-def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sd: dict) -> dict:
-    """AdamW state as ShardedTensors keyed `optimizer.state.{exp_avg,exp_avg_sq}.<parameter key>`.
+def optimizer_sharded_state_dict(optimizer, model_sd: dict, main_params: bool | None = None) -> dict:
+    """AdamW state as ShardedTensors keyed `optimizer.state.{exp_avg,exp_avg_sq[,main_param]}.<parameter key>`.
 
-    The per-parameter `step` counters are stored once (they are equal: every slow weight steps every step).
+    `optimizer` is torch's AdamW or a non-distributed megatron optimizer (see `adamw_view`); fp32 master
+    weights of a bf16 run are stored as `main_param`. The per-parameter `step` counters are stored once
+    (they are equal: every slow weight steps every step). `main_params` (loading): whether the checkpoint
+    holds master weights; None (saving): store them where this run keeps separate ones.
     """
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             make_sharded_optimizer_tensor)
 
-    _init_adamw_state(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    adamw, pairs = adamw_view(optimizer)
+    _init_adamw_state(adamw)
+    params = [model for model, _ in pairs]
     id_map = get_param_id_to_sharded_param_map(model_sd, params)
     missing = [i for i in range(len(params)) if i not in id_map]
     if missing:
         raise ValueError(f"{len(missing)} optimized parameters have no sharded model tensor "
                          f"(shapes {[tuple(params[i].shape) for i in missing[:4]]})")
     state, steps = {}, set()
-    for i, p in enumerate(params):
-        s = optimizer.state[p]
+    for i, (model, main) in enumerate(pairs):
+        s = adamw.state[main]
         steps.add(float(s["step"]))
+        tensors = {k: v for k, v in s.items() if k not in _SCALAR_STATE}
+        if (main is not model) if main_params is None else main_params:
+            tensors["main_param"] = main.detach()
         state[i] = {k: make_sharded_optimizer_tensor(id_map[i], v, prefix=f"optimizer.state.{k}")
-                    for k, v in s.items() if k not in _SCALAR_STATE}
+                    for k, v in tensors.items()}
     if len(steps) > 1:
         raise ValueError(f"AdamW step counters differ between parameters: {sorted(steps)}")
     return {"state": state, "step": steps.pop()}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, loaded: dict) -> None:
-    """Put a loaded `optimizer_sharded_state_dict` into `optimizer` (hyperparameters stay this run's)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+@torch.no_grad()
+def load_optimizer_state(optimizer, loaded: dict) -> None:
+    """Put a loaded `optimizer_sharded_state_dict` into `optimizer` (hyperparameters stay this run's).
+
+    Master weights: taken from the checkpoint when it has them (into the fp32 model parameters of an fp32
+    run, the master copies of a bf16 run), else a bf16 run's masters are the loaded model parameters.
+    """
+    adamw, pairs = adamw_view(optimizer)
+    position = {id(p): i for i, p in enumerate(p for g in adamw.param_groups for p in g["params"])}
     step = torch.tensor(float(loaded["step"]))
-    state = {i: {"step": step.clone(), **{k: v.clone() for k, v in loaded["state"][i].items()}}
-             for i in range(len(params))}
-    current = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    state = {}
+    for i, (model, main) in enumerate(pairs):
+        saved = dict(loaded["state"][i])
+        master = saved.pop("main_param", None)
+        if master is not None:
+            main.copy_(master)
+        elif main is not model:
+            main.copy_(model.float())
+        if main is not model:
+            model.copy_(main)
+        state[position[id(main)]] = {"step": step.clone(), **{k: v.clone() for k, v in saved.items()}}
+    current = adamw.state_dict()
+    adamw.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def _has_main_params(optimizer) -> bool:
+    view = adamw_view(optimizer)
+    return view is not None and any(main is not model for model, main in view[1])
 
 
 class LayoutMismatch(ValueError):
@@ -125,6 +178,8 @@ def save_distributed(directory: str | Path, chunks: list[nn.Module],
     """
     from megatron.core import dist_checkpointing
 
+    if adamw_view(optimizer) is None:
+        optimizer = None  # megatron's DistributedOptimizer: model and fast weights only
     with _gathered(chunks, modifier_rank=None):
         model_sd = model_sharded_state_dict(chunks)
         state = {"model": model_sd}
@@ -132,7 +187,8 @@ def save_distributed(directory: str | Path, chunks: list[nn.Module],
             state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
         dist_checkpointing.save(state, str(directory),
                                 content_metadata={"fast_weight_replicas": fast_weight_replicas(chunks),
-                                                  "adamw": optimizer is not None})
+                                                  "adamw": optimizer is not None,
+                                                  "main_params": _has_main_params(optimizer)})
 
 
 def load_distributed(directory: str | Path, chunks: list[nn.Module],
@@ -148,7 +204,7 @@ def load_distributed(directory: str | Path, chunks: list[nn.Module],
     from megatron.core import dist_checkpointing
 
     content = dist_checkpointing.load_content_metadata(str(directory)) or {}
-    if not content.get("adamw", False):
+    if not content.get("adamw", False) or adamw_view(optimizer) is None:
         optimizer = None
     saved = content.get("fast_weight_replicas", 1)
     here = fast_weight_replicas(chunks)
@@ -161,7 +217,8 @@ def load_distributed(directory: str | Path, chunks: list[nn.Module],
         model_sd = model_sharded_state_dict(chunks)
         state = {"model": model_sd}
         if optimizer is not None:
-            state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
+            state["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd,
+                                                              main_params=content.get("main_params", False))
         loaded = dist_checkpointing.load(state, str(directory))
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)

@@ -1,9 +1,9 @@
 """Process groups and megatron's model-parallel state: one process, or a TP x PP x DP world.
 
 `init_single_process(seed)` is what tests, tools and the single-process trainer call before building a
-model: a world-size-1 gloo group (rendezvous through a FileStore in a temporary directory, so parallel
-test runs never race for a port), megatron's `parallel_state` with TP = PP = 1, and megatron's RNG
-tracker seeded from `seed`. `teardown()` undoes it, so tests can start over.
+model: a world-size-1 group, gloo on CPU and NCCL with CUDA (rendezvous through a FileStore in a
+temporary directory, so parallel test runs never race for a port), megatron's `parallel_state` with
+TP = PP = 1, and megatron's RNG tracker seeded from `seed`. `teardown()` undoes it, so tests can start over.
 
 `init_distributed(parallel, seed)` is the multi-process counterpart: it joins the world named by the
 launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), checks the layout, builds megatron's
@@ -19,11 +19,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from fwpkm_megatron.config import ParallelConfig, layout_problems
 from fwpkm_megatron.parallel import mcore_cpu
+from fwpkm_megatron.training.device import dist_backend, select_device
 
 
 class LayoutError(ValueError):
@@ -79,12 +79,6 @@ class ParallelGroups:
                 f"{f', memory groups of M={self.mp}' if self.mp > 1 else ''})")
 
 
-def _dist_backend(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 def init_distributed(parallel: ParallelConfig, seed: int, run=None) -> ParallelGroups:
     """Join the launcher's world and build megatron's TP/PP/DP groups for `parallel`.
 
@@ -109,10 +103,8 @@ def init_distributed(parallel: ParallelConfig, seed: int, run=None) -> ParallelG
     if world_size == 1 and not dist.is_initialized():
         init_single_process(seed)
     elif not dist.is_initialized():
-        backend = _dist_backend(parallel.dist_backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, init_method="env://")
+        select_device()  # cuda:LOCAL_RANK when CUDA is present (the one device rule, training/device.py)
+        dist.init_process_group(backend=dist_backend(parallel.dist_backend), init_method="env://")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -186,7 +178,8 @@ _owns_process_group = False     # True when init_single_process started torch.di
 
 
 def init_single_process(seed: int) -> None:
-    """Make this process a world of one: gloo group, megatron parallel state (TP=PP=1), seeded RNG tracker.
+    """Make this process a world of one (gloo on CPU, NCCL with CUDA; on the rank's device), megatron parallel
+    state (TP=PP=1) and a seeded RNG tracker.
 
     Each step is skipped when already done (e.g. torch.distributed started by torchrun), so calling it
     twice is harmless; the RNG tracker is reseeded every call.
@@ -198,10 +191,11 @@ def init_single_process(seed: int) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     mcore_cpu.apply()
+    select_device()
     if not dist.is_initialized():
         _store_dir = tempfile.mkdtemp(prefix="fwpkm_store_")
         store = dist.FileStore(f"{_store_dir}/store", 1)
-        dist.init_process_group(backend="gloo", store=store, rank=0, world_size=1)
+        dist.init_process_group(backend=dist_backend(), store=store, rank=0, world_size=1)  # NCCL with CUDA
         _owns_process_group = True
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)

@@ -11,12 +11,12 @@ Patches, each with the failure it removes:
 
 1. The `torch` global of each module in `_MODULES` is replaced by `_CpuTorch`, a proxy that forwards every
    attribute to the real `torch` except two:
-   - `torch.cuda` becomes `_CpuCuda`: `current_device()` returns the CPU device, `synchronize()` and
+   - `torch.cuda` becomes `_CpuCuda`: `current_device()` returns the rank's device (the CPU), `synchronize()` and
      `empty_cache()` are no-ops, and `manual_seed`/`get_rng_state`/`set_rng_state` act on the CPU default
      generator. Without it, `RotaryEmbedding.__init__`/`get_emb` (inv_freq placement),
      `GlobalMemoryBuffer.get_tensor` (DotProductAttention's score buffer) and
      `model_parallel_cuda_manual_seed` fail with "Torch not compiled with CUDA enabled".
-   - tensor factories (`zeros`, `empty`, `arange`, ...) map `device="cuda"` to the CPU. Without it the stock
+   - tensor factories (`zeros`, `empty`, `arange`, ...) map `device="cuda"` to the rank's device. Without it the stock
      causal mask (`transformer.utils.get_default_causal_mask`, used when no mask is passed) fails the same way.
    The CPU generator stands in for the CUDA one because on a CPU every random op (dropout, init) draws
    from it; the tracker's `fork()` must therefore swap *its* state. (Mapping `torch.cuda.manual_seed` to
@@ -28,9 +28,17 @@ Patches, each with the failure it removes:
 3. `LanguageModule.setup_embeddings_and_output_layer` (tied embeddings with PP > 1) calls
    `weight.data.cuda()` before all-reducing the embedding over the embedding group; the wrapper makes
    `Tensor.cuda` the identity for the duration of that call only.
+4. megatron's optimizers check `param.type()` against `'torch.cuda.FloatTensor'` (and the bf16/half names)
+   while grouping parameters and before clipping; `_cuda_type_names_during` makes `Tensor.type()` report
+   the CUDA name of a CPU tensor for the duration of those calls only (`Float16OptimizerWithFloat16Params`
+   and `DistributedOptimizer` construction, `clip_grad_by_total_norm_fp32`).
+   megatron's DDP, `finalize_model_grads`, clipping and optimizers are in `_MODULES` for their scalars and
+   buffers on `current_device()` / `device="cuda"`.
 
-Not covered (the project does not use them): megatron's optimizer, its grad clipping, DDP buffers,
-and `parallel_state.update_pg_timeout`.
+`_CpuCuda.current_device()` answers `training.device.rank_device()` (the CPU, or the device a test
+declares as the target), so megatron's allocations follow the model's device.
+
+Not covered (the project does not use it): `parallel_state.update_pg_timeout`.
 """
 from __future__ import annotations
 
@@ -50,6 +58,12 @@ _MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",  # torch.cuda.synchronize() before a save
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # failure flags on current_device()
     "megatron.core.dist_checkpointing.strategies.async_utils",       # the same, for async requests
+    "megatron.core.distributed.param_and_grad_buffer",               # grad buffers on current_device()
+    "megatron.core.distributed.distributed_data_parallel",           # DDP (buffers, sync hooks)
+    "megatron.core.distributed.finalize_model_grads",                # embedding-grad all-reduce scalars
+    "megatron.core.optimizer.clip_grads",                            # grad-norm scalars on device="cuda"
+    "megatron.core.optimizer.optimizer",                             # found_inf / scale scalars
+    "megatron.core.optimizer.distrib_optimizer",                     # shard buffers on current_device()
 )
 
 _FACTORIES = frozenset({
@@ -61,13 +75,16 @@ _applied = False
 
 
 def _to_cpu(device):
-    """Map a CUDA device spec (str, torch.device, or bare index) to the CPU; leave anything else alone."""
+    """Map a CUDA device spec (str, torch.device, or bare index) to the rank's device (the CPU, or a test's
+    declared target); leave anything else alone."""
+    from fwpkm_megatron.training.device import rank_device
+
     if isinstance(device, str) and device.startswith("cuda"):
-        return torch.device("cpu")
+        return rank_device()
     if isinstance(device, torch.device) and device.type == "cuda":
-        return torch.device("cpu")
+        return rank_device()
     if isinstance(device, int) and not isinstance(device, bool):
-        return torch.device("cpu")
+        return rank_device()
     return device
 
 
@@ -100,7 +117,9 @@ class _CpuCuda(types.ModuleType):
 
     @staticmethod
     def current_device():
-        return torch.device("cpu")
+        from fwpkm_megatron.training.device import rank_device
+
+        return rank_device()
 
     @staticmethod
     def synchronize(device=None):
@@ -160,7 +179,37 @@ def apply() -> None:
     from megatron.core.models.common.language_module.language_module import LanguageModule
     LanguageModule.setup_embeddings_and_output_layer = _cuda_is_identity_during(
         LanguageModule.setup_embeddings_and_output_layer)
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+    optimizer.Float16OptimizerWithFloat16Params.__init__ = _cuda_type_names_during(
+        optimizer.Float16OptimizerWithFloat16Params.__init__)
+    distrib_optimizer.DistributedOptimizer.__init__ = _cuda_type_names_during(
+        distrib_optimizer.DistributedOptimizer.__init__)
+    clip = _cuda_type_names_during(clip_grads.clip_grad_by_total_norm_fp32)
+    for module in (clip_grads, optimizer, distrib_optimizer):
+        if hasattr(module, "clip_grad_by_total_norm_fp32"):
+            module.clip_grad_by_total_norm_fp32 = clip
     _applied = True
+
+
+def _cuda_type_names_during(fn):
+    """Wrap `fn` so that `Tensor.type()` names CPU tensors as CUDA ones while it runs (CPU only)."""
+    def wrapped(*args, **kwargs):
+        original = torch.Tensor.type
+
+        def type_(self, dtype=None, non_blocking=False, **kw):
+            name = original(self, dtype, non_blocking, **kw)
+            if dtype is None and not kw and isinstance(name, str) and name.startswith("torch.") \
+                    and ".cuda." not in name:
+                return name.replace("torch.", "torch.cuda.", 1)
+            return name
+
+        torch.Tensor.type = type_
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+    wrapped.__wrapped__ = fn
+    return wrapped
 
 
 def _cuda_is_identity_during(method):

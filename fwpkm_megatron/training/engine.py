@@ -1,21 +1,25 @@
-"""The parallel training step: megatron-core schedules over TP x PP x DP, plain DP or DeepSpeed ZeRO.
+"""The parallel training step: megatron-core schedules over TP x PP x DP, megatron DDP or DeepSpeed ZeRO.
 
-Used by the `Trainer` whenever the run is not a plain single-process step (world size > 1,
-`parallel.num_microbatches > 1`, or DeepSpeed on). One step:
+Used by the `Trainer` whenever the run is not a plain single-process fp32 step (world size > 1,
+several micro-batches, bf16, megatron's distributed optimizer, or DeepSpeed). One step:
 
     fb = megatron's forward_backward_func (no pipelining, 1F1B, or interleaved 1F1B)
-    fb(forward_step, this rank's model chunks, num_microbatches)   # fast weights written in the forwards
-    finalize: tied-embedding grads over the embedding group, q/k-norm grads over TP; grads averaged
-              over DP (or by ZeRO)
-    grad norm over the model-parallel group (each TP shard and PP stage counted once); clip; AdamW
+    fb(forward_step, this rank's wrapped chunks, num_microbatches)   # fast weights written in the forwards
+    plain engine (training/megatron_dp.py): DDP reduces the fp32 main grads over DP in buckets during the
+      backward; finalize_model_grads waits for them and sums the tied embedding's grads over the first
+      and last stage and the q/k-norm grads over TP;
+      megatron's optimizer computes the grad norm over the model-parallel group, clips,
+      steps AdamW (fp32 master weights under bf16; sharded over DP with optimizer.distributed)
+    DeepSpeed: tied-embedding grads summed here; engine.step() reduces (ZeRO), clips, steps
     sync_fast_weights over DP (`persistent` only; parallel/apply.py)
+
+Chunks are built on the host and moved to the rank's device (training/device.py) before any wrapper.
 
 Micro-batches of one step run in order through one fast-weight state (each sees the writes of the ones
 before it); the loss is the mean over micro-batches and DP ranks, the same number on every rank.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -25,7 +29,8 @@ from torch import nn
 from fwpkm_megatron.config import RunConfig, fast_weight_policy
 from fwpkm_megatron.parallel.apply import fast_weight_sync_bytes, parallelize, sync_fast_weights
 from fwpkm_megatron.parallel.groups import ParallelGroups
-from fwpkm_megatron.training.optim import build_optimizer
+from fwpkm_megatron.training import device as devices
+from fwpkm_megatron.training.device import compute_dtype, rank_device
 
 
 def build_chunks(run: RunConfig, vocab_size: int, groups: ParallelGroups) -> list[nn.Module]:
@@ -43,7 +48,9 @@ def build_chunks(run: RunConfig, vocab_size: int, groups: ParallelGroups) -> lis
     from fwpkm_megatron.parallel.sharding import table_shards
 
     par = run.parallel
-    tp_overrides = dict(tensor_model_parallel_size=groups.tp)
+    dtype = compute_dtype(run.train.precision)
+    tp_overrides = dict(tensor_model_parallel_size=groups.tp, params_dtype=dtype, pipeline_dtype=dtype,
+                        bf16=dtype == torch.bfloat16)
     shards = table_shards(groups)
     reference = None
     if groups.pp > 1 and par.layout_independent_init:
@@ -65,7 +72,8 @@ def build_chunks(run: RunConfig, vocab_size: int, groups: ParallelGroups) -> lis
             _load_from_reference(chunk, reference)
         chunks.append(chunk)
     parallelize(chunks, groups, run)
-    return chunks
+    device = rank_device()
+    return [chunk.to(device) for chunk in chunks]  # built on the host, computed on the rank's device
 
 
 def _load_from_reference(chunk: nn.Module, reference_model: nn.Module) -> None:
@@ -115,17 +123,22 @@ class ParallelEngine:
 
     def __init__(self, run: RunConfig, groups: ParallelGroups, vocab_size: int):
         self.run, self.groups = run, groups
-        self.chunks = build_chunks(run, vocab_size, groups)
-        self.model = ChunkList(self.chunks)  # one module for optimizers, DeepSpeed and state_dict()
+        self.device = rank_device()
+        self.chunks = build_chunks(run, vocab_size, groups)  # the GPTModels: state dicts, fast weights
+        self.model = ChunkList(self.chunks)  # one module for DeepSpeed, state_dict() and statistics
         self.config = self.chunks[0].config
-        self.slow_params = [p for p in self.model.parameters() if p.requires_grad]
         self.deepspeed = None
         if run.deepspeed.zero_stage >= 0:
             from fwpkm_megatron.training.zero import build_deepspeed
 
             self.deepspeed, self.optimizer, self.scheduler = build_deepspeed(self, run)
+            self.modules = self.chunks  # what the schedule runs
         else:
-            self.optimizer, self.scheduler = build_optimizer(self.model, run.train)
+            from fwpkm_megatron.training.megatron_dp import build_optimizer, wrap_chunks
+
+            self.modules = wrap_chunks(self.chunks, run, groups)
+            self.optimizer, self.scheduler = build_optimizer(self.modules, run)
+        self.slow_params = [p for p in self.model.parameters() if p.requires_grad]
         self.sync_bytes = fast_weight_sync_bytes(self.chunks, groups) if (
             fast_weight_policy(run) == "persistent") else 0
 
@@ -135,60 +148,71 @@ class ParallelEngine:
         """One optimizer step over `batches` (num_microbatches tensors [b, s+1] of this DP rank)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        cfg, groups = self.run.train, self.groups
-        for chunk in self.chunks:
-            chunk.train()
-        if self.deepspeed is None:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.deepspeed.zero_grad()
-        device = next(self.model.parameters()).device
-        batches = [b.to(device) for b in batches]
+        groups = self.groups
+        for module in self.modules:
+            module.train()
+        self.zero_grad()
+        batches = [b.to(self.device, non_blocking=True) for b in batches]
         fb = get_forward_backward_func()
         iterators = [iter(batches) for _ in self.chunks] if len(self.chunks) > 1 else iter(batches)
         losses = fb(forward_step_func=self._forward_step, data_iterator=iterators,
-                    model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                    model=self.modules if len(self.modules) > 1 else self.modules[0],
                     num_microbatches=len(batches), seq_length=batches[0].shape[1] - 1,
                     micro_batch_size=batches[0].shape[0], forward_only=False)
-        self._allreduce_tied_embedding_grads()
-        self._allreduce_qk_norm_grads()
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.deepspeed is None:
-            self._allreduce_dp_grads()
-            grad_norm = self.clip_grads(cfg.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
+        if self.deepspeed is None:  # DP reduction and tied embeddings: finalize_model_grads, inside fb
+            grad_norm = self.optimizer_step()
         else:
+            self._allreduce_tied_embedding_grads()
+            self._allreduce_qk_norm_grads()
             self.deepspeed.step()  # reduces over DP (ZeRO), clips, steps AdamW and the scheduler
             grad_norm = float(self.deepspeed.get_global_grad_norm())
         synced = sync_fast_weights(self.chunks, groups, fast_weight_policy(self.run))
         return {"train/loss": self._mean_loss(losses), "train/lr": lr, "train/grad_norm": grad_norm,
                 "train/fast_weight_sync_bytes": synced}
 
+    def zero_grad(self) -> None:
+        """Clear the grads (megatron DDP: its fp32 main-grad buffers) before a step's backwards."""
+        if self.deepspeed is not None:
+            self.deepspeed.zero_grad()
+            return
+        for module in self.modules:
+            module.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def optimizer_step(self) -> float:
+        """megatron's optimizer step after the backwards (grads already reduced): clip, AdamW, LR schedule.
+
+        Returns the pre-clip grad norm over the model-parallel group (each TP shard and PP stage once).
+        """
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step()
+        return float(grad_norm)  # a Python float already (megatron synced for the clip)
+
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> float:
         """Mean per-token loss of one batch [b, s+1] of this DP rank, averaged over DP (forward only)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        batch = batch.to(next(self.model.parameters()).device)
+        batch = batch.to(self.device, non_blocking=True)
         iterators = [iter([batch]) for _ in self.chunks] if len(self.chunks) > 1 else iter([batch])
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iterators,
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0], num_microbatches=1,
+            model=self.modules if len(self.modules) > 1 else self.modules[0], num_microbatches=1,
             seq_length=batch.shape[1] - 1, micro_batch_size=batch.shape[0], forward_only=True)
         return self._mean_loss(losses)
 
     def _mean_loss(self, losses: list[dict[str, torch.Tensor]]) -> float:
         """Mean micro-batch loss of the global batch, on every rank (host sync)."""
-        groups = self.groups
-        value = torch.stack([x["loss"] for x in losses]).mean() if losses else torch.zeros(())
+        groups = self.groups  # non-last stages have no losses: they add zeros on the device
+        value = torch.stack([x["loss"] for x in losses]).mean() if losses else torch.zeros((), device=self.device)
         value = value.float().reshape(1).clone()
         if groups.pp_group is not None:  # only the last stage has losses
             dist.all_reduce(value, group=groups.pp_group)
         if groups.dp_group is not None:
             dist.all_reduce(value, group=groups.dp_group)
             value /= groups.dp
-        return float(value)
+        return devices.host_float(value)
 
     def _allreduce_tied_embedding_grads(self) -> None:
         """With PP and tied embeddings, sum the embedding's grad (first stage) and the output layer's
@@ -205,9 +229,9 @@ class ParallelEngine:
         weight.grad = grad
 
     def _allreduce_qk_norm_grads(self) -> None:
-        """Under TP each rank normalises only its own heads with the replicated per-head q/k RMSNorm weights,
-        so their grads are partial: sum them over the TP group, as megatron's finalize_model_grads does
-        for `qk_layernorm`."""
+        """DeepSpeed path: under TP each rank normalises only its own heads with the replicated per-head q/k
+        RMSNorm weights, so their grads are partial: sum them over the TP group, as megatron's
+        finalize_model_grads does for `qk_layernorm` on the plain path."""
         if self.groups.tp_group is None or not self.run.model.qk_norm:
             return
         grads = [p.grad for chunk in self.chunks for name, p in chunk.named_parameters()
@@ -221,53 +245,13 @@ class ParallelEngine:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def _allreduce_dp_grads(self) -> None:
-        """Average the slow-weight grads over the DP group (one flat all-reduce)."""
-        groups = self.groups
-        if groups.dp_group is None:
-            return
-        params = [p for p in self.slow_params if p.grad is not None]
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat, group=groups.dp_group)
-        flat /= groups.dp
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-
-    def grad_norm(self) -> float:
-        """L2 norm of the full model's slow-weight grads: TP shards and PP stages once each."""
-        groups = self.groups
-        total = torch.zeros(1, dtype=torch.float64)
-        for p in self.slow_params:
-            if p.grad is None:
-                continue
-            if not getattr(p, "tensor_model_parallel", False) and groups.tp_rank != 0:
-                continue  # replicated over TP: counted on TP rank 0 only
-            if groups.pp > 1 and getattr(p, "shared", False) and not groups.is_first_stage:
-                continue  # the last stage's copy of the tied embedding
-            total += p.grad.detach().double().square().sum()
-        if groups.model_group is not None:
-            dist.all_reduce(total, group=groups.model_group)
-        return float(total.sqrt())
-
-    def clip_grads(self, max_norm: float) -> float:
-        """Clip to `max_norm` (0 disables) with torch's rule; return the pre-clip norm."""
-        norm = self.grad_norm()
-        if max_norm > 0:
-            coef = min(max_norm / (norm + 1e-6), 1.0)
-            for p in self.slow_params:
-                if p.grad is not None:
-                    p.grad.detach().mul_(coef)
-        return norm if math.isfinite(norm) else float("nan")
-
     # ---------------------------------------------------------------------------------- state
 
     def _forward_step(self, data_iterator, model):
         """Through the DeepSpeed engine when there is one (its forward arms ZeRO's backward hooks)."""
         if self.deepspeed is None:
             return _forward_step(data_iterator, model)
-        index = next(i for i, c in enumerate(self.chunks) if c is model)
+        index = next(i for i, c in enumerate(self.modules) if c is model)
         return _forward_step(data_iterator, model,
                              runner=lambda *a, **k: self.deepspeed(*a, chunk=index, **k))
 

@@ -33,8 +33,9 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from fwpkm_megatron.config import RunConfig
+from fwpkm_megatron.config import ConfigError, RunConfig, num_microbatches
 from fwpkm_megatron.training import checkpoint as ckpt
+from fwpkm_megatron.training.device import precision_problem, rank_device
 from fwpkm_megatron.training.logging import RunLogger, format_bytes, format_count, format_step_line
 from fwpkm_megatron.training.optim import build_optimizer, clip_grad_norm
 
@@ -73,6 +74,9 @@ class Trainer:
         self.groups = None
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        problem = precision_problem(cfg.precision, rank_device())  # before any process group starts
+        if problem:
+            raise ConfigError([problem])
         _seed_everything(cfg.seed)
         if uses_parallel_engine(run):
             from fwpkm_megatron.parallel.groups import init_distributed
@@ -104,7 +108,7 @@ class Trainer:
                 raise DataError(f"model.vocab_size={self.vocab_size} is smaller than the vocab "
                                 f"({self.train_stream.vocab_size}) of the data at {run.data.path}")
             if self.groups is None:
-                self.model = build_model(run, self.vocab_size)
+                self.model = build_model(run, self.vocab_size).to(rank_device())  # host init, then moved
                 self.optimizer, self.scheduler = build_optimizer(self.model, cfg)
                 self.window_controls = [self.model.window_control]
             else:
@@ -117,8 +121,9 @@ class Trainer:
                 self.window_controls = [chunk.window_control for chunk in self.engine.chunks]
             self.device = next(self.model.parameters()).device  # batches follow the model
             self.slow_params = [p for p in self.model.parameters() if p.requires_grad]
-            # sequences per step = micro_batch_size x num_microbatches x DP ranks
-            self.tokens_per_step = cfg.micro_batch_size * cfg.seq_len * run.parallel.num_microbatches * dp
+            # sequences per step = micro_batch_size x micro-batches x DP ranks (= train.global_batch_size if set)
+            self.num_microbatches = num_microbatches(run, world)
+            self.tokens_per_step = cfg.micro_batch_size * cfg.seq_len * self.num_microbatches * dp
             if state is not None:
                 if kind == "distributed":
                     self._load_distributed(resume_from, state, same_layout)
@@ -203,8 +208,10 @@ class Trainer:
         if plain:
             state.pop("optimizer", None)  # a ZeRO run's partition (per-rank file); plain AdamW reads dist/ only
         if plain and not adamw:
-            self._resume_notes.append("optimizer state restarted: the checkpoint holds ZeRO partitions, "
-                                      "this run uses plain AdamW; model and fast weights loaded exactly")
+            self._resume_notes.append("optimizer state restarted: the checkpoint holds no per-parameter AdamW "
+                                      "state this run can use (ZeRO partitions, or megatron's distributed "
+                                      "optimizer, whose state is not saved yet); model and fast weights "
+                                      "loaded exactly")
         elif not plain and not (same_layout and "optimizer" in state):
             state.pop("optimizer", None)
             self._resume_notes.append("optimizer state restarted: ZeRO partitions resume only at the layout "
@@ -292,7 +299,7 @@ class Trainer:
         """One step through the ParallelEngine: num_microbatches batches of this DP rank."""
         t0 = time.perf_counter()
         window = self._begin_step(self.step, training=True)
-        batches = [self.train_stream.next_batch() for _ in range(self.run.parallel.num_microbatches)]
+        batches = [self.train_stream.next_batch() for _ in range(self.num_microbatches)]
         metrics = self.engine.train_step(batches)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -395,7 +402,8 @@ class Trainer:
         slow_numel = sum(p.numel() for p in self.model.parameters())
         lines = [
             f"tokens per step: {self.tokens_per_step:,} ({cfg.micro_batch_size} seqs x {cfg.seq_len} tok"
-            f" x 1 rank); {cfg.steps} steps = {self.tokens_per_step * cfg.steps:,} tokens",
+            f" x {self.num_microbatches} micro-batches x DP={1 if self.groups is None else self.groups.dp});"
+            f" {cfg.steps} steps = {self.tokens_per_step * cfg.steps:,} tokens; precision {cfg.precision}",
             f"slow parameters: {slow_numel:,} ({format_count(slow_numel)}), optimized by AdamW",
             f"fast weights: {fast_numel:,} ({format_count(fast_numel)}) in {len(fast)} buffers,"
             f" {format_bytes(fast_bytes)} (never in the optimizer)",
@@ -449,12 +457,13 @@ class Trainer:
 
 
 def uses_parallel_engine(run: RunConfig) -> bool:
-    """True when the run needs the ParallelEngine (launched on several processes, micro-batches, ZeRO)."""
+    """True when the run needs the ParallelEngine (several processes or micro-batches, bf16 through
+    megatron's Float16Module, megatron's distributed optimizer, ZeRO)."""
     import os
 
-    par = run.parallel
-    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 or par.tp > 1 or par.pp > 1 or par.num_microbatches > 1
-            or run.deepspeed.zero_stage >= 0)
+    par, world = run.parallel, int(os.environ.get("WORLD_SIZE", "1"))
+    return (world > 1 or par.tp > 1 or par.pp > 1 or num_microbatches(run, world) > 1
+            or run.deepspeed.zero_stage >= 0 or run.train.precision != "fp32" or run.optimizer.distributed)
 
 
 def _layout_record(groups) -> dict[str, int]:

@@ -9,6 +9,8 @@ model-parallel group, clips, steps the client torch AdamW and the LR scheduler.
   communication op is skipped (`_skip_shm_op`), so nothing is compiled at all.
 - gradient_accumulation_steps = 1: megatron's schedule already divides the loss by num_microbatches.
 - Fast weights are buffers: they are never handed to the optimizer and ZeRO-3 never partitions them.
+- bf16 (`train.precision`): DeepSpeed's bf16 mode (fp32 master weights in its optimizer); the chunks are
+  built with bf16 params_dtype/pipeline_dtype so PP buffers match, and the fast weights are put back in fp32.
 - DeepSpeed 0.19.8 resets its backward-hook bookkeeping only in engine.forward; the schedule calls the
   module directly, so `_fix_backward_hook_state` resets it when a new backward starts with depth 0.
 """
@@ -50,7 +52,7 @@ def deepspeed_config(run) -> dict:
         "gradient_clipping": run.train.grad_clip,
         "zero_optimization": {"stage": run.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": run.deepspeed.bf16},
+        "bf16": {"enabled": run.train.precision == "bf16"},  # the chunks' params/pipeline dtype match (engine.py)
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -72,4 +74,9 @@ def build_deepspeed(parallel_engine, run):
         model=parallel_engine.model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(run), mpu=mpu_adapter(), dist_init_required=False)
     _fix_backward_hook_state(engine)
+    if run.train.precision == "bf16":  # DeepSpeed casts every buffer; the fast weights stay fp32
+        from fwpkm_megatron.training.megatron_dp import keep_fast_weights_fp32
+
+        for chunk in parallel_engine.chunks:
+            keep_fast_weights_fp32(chunk)
     return engine, ds_optimizer, scheduler

@@ -57,10 +57,13 @@ def _eval(engine, batch):
 def _named_state(engine) -> dict[str, torch.Tensor]:
     """Every model tensor and AdamW moment of this rank, by name (a copy)."""
     out = {f"model.{k}": v.detach().clone() for k, v in engine.model.state_dict().items() if torch.is_tensor(v)}
+    from fwpkm_megatron.parallel.dist_checkpoint import adamw_view
+
     names = dict((id(p), n) for n, p in engine.model.named_parameters())
-    for p, s in engine.optimizer.state.items():
+    adamw, pairs = adamw_view(engine.optimizer)  # megatron's optimizer wraps torch AdamW
+    for p, main in pairs:
         for k in ("exp_avg", "exp_avg_sq"):
-            out[f"adam.{k}.{names[id(p)]}"] = s[k].clone()
+            out[f"adam.{k}.{names[id(p)]}"] = adamw.state[main][k].clone()
     return out
 
 
@@ -80,7 +83,7 @@ def save_then_continue(rank, overrides, directory, microbatches=2):
     with torch.no_grad():  # anything that is not loaded back shows up as a mismatch
         for t in list(engine.model.parameters()) + list(engine.model.buffers()):
             t.add_(1.0)
-        for s in engine.optimizer.state.values():
+        for s in engine.optimizer.chained_optimizers[0].optimizer.state.values():
             s["exp_avg"].add_(1.0)
     load_distributed(directory, engine.chunks, engine.optimizer)
     reloaded = _named_state(engine)

@@ -75,7 +75,7 @@ def emulate_dp2(rank, overrides, sequences):
     model, out = engine.chunks[0], []
     for step, batch in enumerate(global_batches(sequences)):
         model.window_control.begin_step(step, SEED, True)
-        engine.optimizer.zero_grad(set_to_none=True)
+        engine.zero_grad()
         start, ends, losses = snapshot_fast_weights(model), [], []
         for half in batch.chunk(2):
             restore_fast_weights(model, start)
@@ -85,9 +85,7 @@ def emulate_dp2(rank, overrides, sequences):
             losses.append(loss.item())
             ends.append(snapshot_fast_weights(model))
         restore_fast_weights(model, {k: {n: (ends[0][k][n] + ends[1][k][n]) / 2 for n in start[k]} for k in start})
-        grad_norm = engine.clip_grads(run.train.grad_clip)
-        engine.optimizer.step()
-        engine.scheduler.step()
+        grad_norm = engine.optimizer_step()  # megatron DDP at DP=1: the grads are in its fp32 main-grad buffer
         out.append((sum(losses) / 2, grad_norm, 0))
     return out, fast_weights(engine), 0
 

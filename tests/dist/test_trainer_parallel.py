@@ -41,9 +41,13 @@ def test_tp2_trainer_writes_the_single_process_summary(tiny_run, tmp_path):
     assert (step_dir / "dist" / "metadata.json").is_file() and (step_dir / "rank_00001" / "trainer.pt").is_file()
 
 
-@pytest.mark.parametrize("engine", ["plain", "zero2"])
+ENGINES = {"plain": [], "zero2": ["deepspeed.zero_stage=2"], "bf16": ["train.precision=bf16"]}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_dp2_resumed_run_matches_uninterrupted(tiny_run, tmp_path, engine):
-    steps = ["train.steps=4", "train.eval_batches=1"] + (["deepspeed.zero_stage=2"] if engine == "zero2" else [])
+    """bf16: the checkpoint keeps the fp32 master weights (`main_param`) beside the AdamW moments."""
+    steps = ["train.steps=4", "train.eval_batches=1"] + ENGINES[engine]
     full = run_ranks(_trainer_run, 2, tiny_run(tmp_path / "full", *steps))
     run_ranks(_trainer_run, 2, tiny_run(tmp_path / "resumed", *steps), 2)
     resumed = run_ranks(_trainer_run, 2, tiny_run(tmp_path / "resumed", *steps))

@@ -99,11 +99,52 @@ def test_sequence_parallel_and_partial_rope_rules_name_the_key():
 
 
 def test_paper_config_validates_with_128_sequences_of_4096_per_step():
+    from fwpkm_megatron.config import layout_problems, num_microbatches
+
     run = load_config(REPO / "configs" / "paper-112m.yaml")
-    dp = 8  # 1 node x 8 GPUs, TP = PP = 1
-    assert run.train.micro_batch_size * run.parallel.num_microbatches * dp == 128 and run.train.seq_len == 4096
+    assert run.train.global_batch_size == 128 and run.train.seq_len == 4096 and run.train.precision == "bf16"
+    assert layout_problems(run, 8) == [] and run.train.micro_batch_size * num_microbatches(run, 8) * 8 == 128
     m = run.model
     assert (m.attention_output_gate, m.qk_norm, m.rotary_percent) == (True, True, 0.25)
-    four_nodes = load_config(REPO / "configs" / "paper-112m.yaml",
-                             ["train.micro_batch_size=4", "parallel.num_microbatches=1"])  # DP = 32
-    assert four_nodes.train.micro_batch_size * four_nodes.parallel.num_microbatches * 32 == 128
+    assert "train.global_batch_size=128" in layout_problems(run, 32)[0]  # 8 x 32 > 128: named, not run
+    four_nodes = load_config(REPO / "configs" / "paper-112m.yaml", ["train.micro_batch_size=4"])  # DP = 32
+    assert layout_problems(four_nodes, 32) == [] and num_microbatches(four_nodes, 32) == 1
+
+
+def test_layout_that_does_not_divide_the_global_batch_fails_before_any_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    from fwpkm_megatron.parallel.groups import LayoutError, init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    run = load_config(None, ["train.micro_batch_size=4", "train.global_batch_size=8"])
+    was_initialized = dist.is_initialized()
+    with pytest.raises(LayoutError, match=r"train.global_batch_size=8: must be a multiple of "
+                                          r"train.micro_batch_size x DP = 4 x 3 = 12"):
+        init_distributed(run.parallel, 0, run)
+    assert dist.is_initialized() == was_initialized
+
+
+def test_precision_and_optimizer_keys(monkeypatch, tmp_path):
+    import torch
+
+    from fwpkm_megatron.training import device
+
+    with pytest.raises(ConfigError, match=r"deepspeed.bf16: moved to train.precision"):
+        load_config(None, ["deepspeed.bf16=true"])
+    assert load_config(None, ["deepspeed.bf16=false"]).train.precision == "fp32"  # older checkpoints' configs
+    with pytest.raises(ConfigError, match=r"train.precision='fp16': must be one of \('fp32', 'bf16'\)"):
+        load_config(None, ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"optimizer.distributed=true with deepspeed.zero_stage=1: pick one"):
+        load_config(None, ["optimizer.distributed=true", "deepspeed.zero_stage=1"])
+    assert device.precision_problem("fp32") is None
+    monkeypatch.setattr(device, "_bf16_matmul_error", lambda dev: "no bf16 kernel")
+    message = device.precision_problem("bf16", torch.device("cpu"))
+    assert message == "train.precision=bf16: this cpu build has no bf16 matmul (no bf16 kernel); use fp32"
+    # the Trainer checks it before it starts a process group or reads data
+    from fwpkm_megatron.training import trainer
+
+    run = load_config(None, ["train.precision=bf16", f"data.path={tmp_path / 'none'}",
+                             f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="train.precision=bf16: this cpu build has no bf16 matmul"):
+        trainer.Trainer(run)

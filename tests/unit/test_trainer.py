@@ -293,3 +293,12 @@ def test_clip_returns_pre_clip_norm_and_clips_slow_weights():
     clipped = torch.cat([a.grad, b.grad]).norm().item()
     assert clipped == pytest.approx(1.0, rel=1e-5)
     assert clip_grad_norm([a, b], max_norm=0.0) == pytest.approx(clipped)  # 0 disables: norm only
+
+
+def test_global_batch_size_sets_the_tokens_per_step(tiny_run, tmp_path):
+    """train.global_batch_size=8 with micro-batches of 4 in one process: 2 micro-batches per step."""
+    trainer, summary, console = _train(tiny_run(tmp_path / "run", "train.steps=1", "train.eval_batches=1",
+                                                "train.global_batch_size=8"))
+    assert trainer.num_microbatches == 2 and trainer.engine is not None
+    assert summary["tokens_seen"] == 8 * trainer.run.train.seq_len
+    assert "(4 seqs x 32 tok x 2 micro-batches x DP=1)" in console

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import library
 from ..reference import ENTROPY_EPS, Address
 from .read import pow2
 
@@ -488,8 +489,8 @@ class PKMAddressFunction(torch.autograd.Function):
     """(q, keys) -> (idx, weight, tops, top_scores); only weight carries a gradient."""
 
     @staticmethod
-    def forward(ctx, q, keys, topk, score, eps, joint_softmax):
-        idx, weight, tops, top_scores = address_fwd(q, keys, topk, score, eps, joint_softmax)
+    def forward(ctx, q, keys, topk, score, eps, joint_softmax):  # through the custom op: it has a fake (library.py)
+        idx, weight, tops, top_scores = library.address_fwd(q, keys, topk, score, float(eps), joint_softmax)
         ctx.save_for_backward(q, keys, idx, weight)
         ctx.opts = (score, eps, joint_softmax)
         ctx.mark_non_differentiable(idx, tops, top_scores)
@@ -499,8 +500,9 @@ class PKMAddressFunction(torch.autograd.Function):
     def backward(ctx, _didx, dweight, _dtops, _dtop_scores):
         q, keys, idx, weight = ctx.saved_tensors
         score, eps, joint = ctx.opts
-        dq, dkeys = address_bwd(q, keys, idx, weight, dweight, score, eps, joint,
-                                need_q=ctx.needs_input_grad[0], need_keys=ctx.needs_input_grad[1])
+        dq, dkeys = library.address_bwd(q, keys, idx, weight, dweight.contiguous(), score, float(eps), joint,
+                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dq, dkeys = library.empty_to_none(dq), library.empty_to_none(dkeys)
         return (dq.to(q.dtype) if dq is not None else None, dkeys.to(keys.dtype) if dkeys is not None else None,
                 None, None, None, None)
 

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import library
+
 
 def pow2(n: int, at_least: int = 1) -> int:
     """The smallest power of two >= max(n, at_least): Triton block sizes."""
@@ -279,22 +281,14 @@ class PKMReadFunction(torch.autograd.Function):
     def forward(ctx, values, idx, weight):
         values, idx, weight = values.contiguous(), idx.contiguous(), weight.contiguous()
         ctx.save_for_backward(values, idx, weight)
-        return read_fwd(values, idx, weight)
+        return library.read_fwd(values, idx, weight)  # custom ops with fakes (ops/library.py)
 
     @staticmethod
     def backward(ctx, dout):
         values, idx, weight = ctx.saved_tensors
-        dout = dout.contiguous()
-        M, H, k = idx.shape
-        dvalues = dweight = None
-        if ctx.needs_input_grad[2]:
-            dw, _, _ = token_bwd(values, idx, weight, dout)
-            dweight = dw.view(M, H, k).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            acc = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
-            scatter_rows(segments(idx.reshape(-1)), weight, dout, H * k, values.shape[0], dbase=acc)
-            dvalues = acc.to(values.dtype)
-        return dvalues, None, dweight
+        dvalues, dweight = library.read_bwd(values, idx, weight, dout.contiguous(), ctx.needs_input_grad[0],
+                                            ctx.needs_input_grad[2])
+        return library.empty_to_none(dvalues), None, library.empty_to_none(dweight)
 
 
 # ------------------------------------------------------------------------------------------------- public
