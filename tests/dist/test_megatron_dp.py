@@ -11,7 +11,8 @@ What this proves:
   trains at DP=2: fast weights stay fp32 and identical across replicas, parameters are bf16, losses within
   2% of fp32 (bf16 rounding; measured ~0.2% over these 5 steps).
 The reference file is written by the earlier engine: `python tests/dist/test_megatron_dp.py --write-golden`
-run from a checkout of commit dad9507 (the code before megatron DDP), see docs/validation.md.
+run from a checkout of commit 217c41b (the code just before megatron DDP: flat all-reduce + torch AdamW,
+column-seeded memory tables), see docs/validation.md.
 """
 from __future__ import annotations
 
