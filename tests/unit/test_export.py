@@ -245,3 +245,87 @@ def test_dp_rank_and_unfit_layouts_are_refused_clearly(exported, tmp_path):
     with pytest.raises(ExportError, match="num_attention_heads"):  # 4 heads do not split over TP=3
         reshard_checkpoint(step_dir, tmp_path / "y", tp=3, pp=1)
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
+
+
+@pytest.mark.parametrize("policy", ["per_sequence", "persistent"])
+def test_blockwise_prefill_equals_one_pass(exported, policy):
+    """Blocks through the KV cache and the memory queue give one pass's logits, loss, memory and KV cache.
+
+    Block 5 is not a multiple of the chunk (8): the queue carries partial chunks between blocks; 16 is.
+    The window (12) is shorter than the input: every windowed layer keeps only its last 11 keys.
+    """
+    _, _, out = exported
+    hf = _hf(out, fwpkm_policy=policy)
+    ids = _tokens(2, 3 * SEQ, hf.config.vocab_size, seed=21)
+    mask = torch.ones_like(ids)
+    if policy == "per_sequence":
+        mask[1, :7] = 0  # a left-padded row: padding is neither attended to nor written
+    runs = {}
+    with torch.no_grad():
+        for block in (None, 5, 16):
+            start = hf.snapshot_fast_weights()
+            memory = hf.new_memory(2)
+            o = hf(ids[:, :-4], attention_mask=mask[:, :-4], memory=memory, use_cache=True, labels=ids[:, :-4],
+                   prefill_block=block)
+            more = hf(ids[:, -4:], attention_mask=mask, cache=o.cache, use_cache=True, flush_memory=True)
+            runs[block] = (o, more, memory.state(0, 1), hf.snapshot_fast_weights())
+            hf.restore_fast_weights(start)
+    ref = runs[None]
+    for block in (5, 16):
+        o, more, state, fast = runs[block]
+        _close(ref[0].logits, o.logits, f"logits, block {block}")
+        _close(ref[0].loss, o.loss, f"loss, block {block}")
+        _close(ref[1].logits, more.logits, f"logits after the prefill, block {block}")
+        _close(ref[2][1], state[1], f"memory values, block {block}")
+        _close(ref[3]["layer_0.values"], fast["layer_0.values"], f"stored fast weights, block {block}")
+        for (k0, v0), (k1, v1) in zip(ref[1].cache.kv, more.cache.kv):
+            assert k1.shape[2] == hf.config.attention_window - 1
+            _close(k0, k1, "kept keys")
+            _close(v0, v1, "kept values")
+    with torch.no_grad():
+        whole = hf(ids, memory=hf.new_memory(2, policy="frozen")).logits
+        keep = hf(ids, memory=hf.new_memory(2, policy="frozen"), prefill_block=16, logits_to_keep=3).logits
+    _close(whole[:, -3:], keep, "logits_to_keep over blocks")
+
+
+def _modeling(out):
+    """The exported copy of modeling_fwpkm.py, as transformers imported it."""
+    import sys
+
+    return sys.modules[type(_hf(out)).__module__]
+
+
+def test_sdpa_attention_matches_explicit_scores(exported, monkeypatch):
+    """causal_attention (SDPA, query blocks) equals softmax over an explicit masked score matrix."""
+    modeling = _modeling(exported[2])
+    g = torch.Generator().manual_seed(4)
+    B, nh, nkv, T, hd, kept = 2, 6, 3, 13, 8, 9
+    q = torch.randn(B, nh, T, hd, generator=g)
+    k, v = torch.randn(B, nkv, kept + T, hd, generator=g), torch.randn(B, nkv, kept + T, hd, generator=g)
+    valid = torch.ones(B, kept + T, dtype=torch.bool)
+    valid[0, :5] = False
+    q0, k0 = 20, 20 - kept
+    for window in (None, 4):
+        i = torch.arange(q0, q0 + T)[:, None]
+        j = torch.arange(k0, q0 + T)[None]
+        vis = (j <= i) & ((j > i - window) if window else True) & valid[:, None, None, :]
+        scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / hd ** 0.5
+        ref = scores.masked_fill(~vis, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)
+        for elements in (1 << 24, 40):  # one call, and query blocks of a few rows
+            monkeypatch.setattr(modeling, "MASK_ELEMENTS", elements)
+            got = modeling.causal_attention(q, k, v, q0=q0, k0=k0, window=window, key_valid=valid)
+            _close(ref, got, f"window {window}, mask elements {elements}")
+
+
+def test_rope_scaling_linear_and_yarn(exported):
+    rope_inv_freq = _modeling(exported[2]).rope_inv_freq
+
+    base, _ = rope_inv_freq(64, 10000.0)
+    lin, f = rope_inv_freq(64, 10000.0, {"type": "linear", "factor": 4})
+    assert f == 1.0 and torch.allclose(lin, base / 4)
+    yarn, f = rope_inv_freq(64, 10000.0, {"type": "yarn", "factor": 4, "original_max_position_embeddings": 4096})
+    assert abs(f - (0.1 * torch.log(torch.tensor(4.0)).item() + 1)) < 1e-6
+    assert torch.equal(yarn[:8], base[:8]), "fast dimensions keep their frequency"
+    assert torch.allclose(yarn[-4:], base[-4:] / 4), "slow dimensions are interpolated"
+    with pytest.raises(ValueError, match="linear' or 'yarn"):
+        rope_inv_freq(64, 10000.0, {"type": "ntk", "factor": 2})
