@@ -49,7 +49,8 @@ class FwPKMConfig(PretrainedConfig):
                  tie_embeddings: bool = True, initializer_range: float = 0.02, fwpkm: dict | None = None,
                  pkm: dict | None = None, fwpkm_policy: str = "per_sequence", fwpkm_update_chunk: int | None = None,
                  fwpkm_carry_lookahead: bool = False, use_cache: bool = True, prefill_block: int | None = None,
-                 fwpkm_rope_scaling: dict | None = None, **kwargs):
+                 fwpkm_rope_scaling: dict | None = None, tokenizer_vocab_size: int | None = None,
+                 fwpkm_tokenizer_sha256: str | None = None, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -75,6 +76,9 @@ class FwPKMConfig(PretrainedConfig):
             raise ValueError(f"prefill_block={prefill_block}: must be >= 1 or None")
         self.prefill_block = None if prefill_block is None else int(prefill_block)
         self.fwpkm_rope_scaling = dict(fwpkm_rope_scaling) if fwpkm_rope_scaling else None
+        # the tokenizer's vocabulary; embedding rows past it are TP padding and their logits are masked
+        self.tokenizer_vocab_size = None if tokenizer_vocab_size is None else int(tokenizer_vocab_size)
+        self.fwpkm_tokenizer_sha256 = fwpkm_tokenizer_sha256  # sha256 of the tokenizer.json trained with
         self.use_cache = use_cache  # forward returns an FwPKMCache (KV + memory) unless told otherwise
         kwargs["tie_word_embeddings"] = False  # tying is done in forward; transformers must not tie anything
         super().__init__(**kwargs)

@@ -95,7 +95,7 @@ def rope_inv_freq(dim: int, base: float, scaling: dict | None = None, device=Non
         return inv_freq / factor, 1.0
     if kind != "yarn":
         raise ValueError(f"fwpkm_rope_scaling type={kind!r}: must be 'linear' or 'yarn'")
-    original = float(scaling["original_max_position_embeddings"])
+    original = float(scaling["original_max_position_embeddings"])  # the training length
     beta_fast, beta_slow = float(scaling.get("beta_fast", 32.0)), float(scaling.get("beta_slow", 1.0))
 
     def correction_dim(rotations: float) -> float:  # the dim index that rotates `rotations` times in `original`
@@ -668,7 +668,11 @@ class FwPKMForCausalLM(FwPKMPreTrainedModel, GenerationMixin):
 
     def _logits(self, h):
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        logits = F.linear(h, weight).float()
+        used = self.config.tokenizer_vocab_size
+        if used is not None and used < logits.shape[-1]:  # padded rows (TP) are no tokens: never predicted
+            logits[..., used:] = torch.finfo(logits.dtype).min
+        return logits
 
     def _decode(self, input_ids, attention_mask, cache, position_ids, memory, flush):
         """The decoder stack over one call's tokens: (final hidden states, the cache extended by them)."""
@@ -687,7 +691,9 @@ class FwPKMForCausalLM(FwPKMPreTrainedModel, GenerationMixin):
             if bool(row_mask.all()):
                 row_mask = None
         c = self.config
-        scaling = c.fwpkm_rope_scaling if c.attention_window is None else None  # full-attention layers only
+        scaling = None  # full-attention layers only; YaRN's original length defaults to the training length
+        if c.fwpkm_rope_scaling and c.attention_window is None:
+            scaling = {"original_max_position_embeddings": c.max_position_embeddings, **c.fwpkm_rope_scaling}
         cos, sin = rope_cos_sin(position_ids, c.hidden_size // c.num_attention_heads, c.rope_theta, scaling)
         h = self.model.embed_tokens(input_ids)
         new_cache = FwPKMCache(len(self.model.layers), memory)
