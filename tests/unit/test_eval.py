@@ -307,3 +307,50 @@ def test_niah_records_are_one_generator(tiny_data, tmp_path):
     write_niah(tiny_data, tmp_path / "n.jsonl", lengths=[96], per_length=2, seed=3, num_needles=2)
     assert read_jsonl(tmp_path / "n.jsonl") == generate_records(tiny_data, lengths=[96], per_length=2, seed=3,
                                                                 num_needles=2)
+
+
+def test_lm_eval_persistent_never_writes_padding_and_rolling_windows_share_memory(exported, tmp_path):
+    """Through lm-eval: `persistent` at --batch_size 3 leaves exactly the memory of batch size 1 (no
+    padding written); a rolling request's windows under per_sequence read what earlier windows wrote."""
+    import lm_eval
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from fwpkm_megatron.eval.lm_eval_adapter import FwPKMLM
+
+    _write_tasks(tmp_path)
+    tm = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    memories, results = [], []
+    for bs in (1, 3):
+        lm = FwPKMLM(path=str(exported[1]), policy="persistent", batch_size=bs)
+        out = lm_eval.simple_evaluate(model=lm, tasks=["fwpkm_tiny_mc"], task_manager=tm)
+        memories.append(lm.model.snapshot_fast_weights())
+        results.append(out["results"]["fwpkm_tiny_mc"])
+    assert results[0] == results[1]
+    for k in memories[0]:
+        assert torch.equal(memories[0][k], memories[1][k]), k
+
+    lm = FwPKMLM(path=str(exported[1]), max_length=16)
+    model = _memory_only_model(lm.model)
+    doc = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(1))[:12].tolist()
+    text = lm.tok_decode(doc * 4)
+    tokens = lm.tok_encode(text)
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+        token_list=tokens, prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length, context_len=1)]
+    assert len(windows) >= 3
+
+    def rolling(shared: bool) -> float:
+        memory, total = model.new_memory(1, policy="per_sequence"), 0.0
+        for ctx, cont in windows:
+            if not shared:
+                memory = model.new_memory(1, policy="per_sequence")
+            inp = torch.tensor([(ctx + cont)[-(lm.max_length + 1):][:-1]])
+            with torch.no_grad():
+                logp = model(inp, memory=memory, use_cache=False).logits.log_softmax(-1)[0, -len(cont):]
+            total += float(logp.gather(-1, torch.tensor(cont)[:, None]).sum())
+        return total
+
+    assert abs(got - rolling(True)) < 1e-3, (got, rolling(True))
+    assert got > rolling(False) + 1.0, "later windows must read what earlier windows wrote"
