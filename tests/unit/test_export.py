@@ -329,3 +329,40 @@ def test_rope_scaling_linear_and_yarn(exported):
     assert torch.allclose(yarn[-4:], base[-4:] / 4), "slow dimensions are interpolated"
     with pytest.raises(ValueError, match="linear' or 'yarn"):
         rope_inv_freq(64, 10000.0, {"type": "ntk", "factor": 2})
+
+
+TRANSFORMERS_4 = ("transformers==4.57.6", "tokenizers==0.22.2", "huggingface-hub==0.36.2")
+
+
+def test_export_runs_on_transformers_4_57_and_5(exported, tmp_path):
+    """The same export gives the same logits, greedy and beam generations under transformers 4.57 and 5.x.
+
+    transformers 4.57 is installed once (pip --target, no dependencies) into a cache directory,
+    $FWPKM_TEST_CACHE or ~/.cache/fwpkm-tests, and put first on the probe process's path.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import transformers
+
+    cache = Path(os.environ.get("FWPKM_TEST_CACHE", Path.home() / ".cache" / "fwpkm-tests")) / "transformers-4.57"
+    if not (cache / "transformers-4.57.6.dist-info").is_dir():
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(cache),
+                              *TRANSFORMERS_4], capture_output=True, text=True, timeout=900)
+        assert pip.returncode == 0, f"installing {TRANSFORMERS_4} into {cache} failed:\n{pip.stderr[-2000:]}"
+    probe = Path(__file__).with_name("hf_compat_probe.py")
+    results = {}
+    for name, extra in (("4", str(cache)), ("5", None)):
+        env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
+        run = subprocess.run([sys.executable, str(probe), str(exported[2]), str(tmp_path / f"{name}.pt")],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert run.returncode == 0, f"transformers {name}.x: {run.stderr[-3000:]}"
+        results[name] = torch.load(tmp_path / f"{name}.pt")
+    assert results["4"]["version"] == "4.57.6" and results["5"]["version"] == transformers.__version__
+    _close(results["5"]["logits"], results["4"]["logits"], "logits, transformers 4.57 vs 5")
+    for key in ("greedy", "beam"):
+        assert torch.equal(results["4"][key], results["5"][key]), key
+    assert results["4"]["bf16_fast_dtype"] == results["5"]["bf16_fast_dtype"] == "torch.float32"

@@ -256,6 +256,14 @@ class FastWeightState(nn.Module):
         self.register_buffer("keys", torch.zeros(heads, 2, R, d_k // 2, dtype=torch.float32))
         self.register_buffer("values", torch.zeros(num_slots, d_v, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the state, but a dtype cast (`.bfloat16()`, `.to(dtype)`) leaves it fp32."""
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
 
 class FwPKMBranch(nn.Module):
     """q/v/g projections -> chunked read-then-write on the layer's stream(s) -> gated mix -> projection."""
@@ -541,7 +549,6 @@ class DecoderLayer(nn.Module):
 class FwPKMPreTrainedModel(PreTrainedModel):
     config_class = FwPKMConfig
     base_model_prefix = "model"
-    _keep_in_fp32_modules = ["fast_weights"]   # fp32 fast weights always (bf16 would round writes away)
     _no_split_modules = ["DecoderLayer"]
 
     def _init_weights(self, module):
@@ -568,6 +575,10 @@ class FwPKMModel(FwPKMPreTrainedModel):
 
 
 class FwPKMForCausalLM(FwPKMPreTrainedModel, GenerationMixin):
+    # fp32 fast weights always (bf16 would round writes away): FastWeightState refuses other dtypes, and
+    # transformers 5 is told as well (4.x checks this list against parameters and has none to find here)
+    _keep_in_fp32_modules = ["fast_weights"] if CACHE_FIELD == "cache" else None
+
     def __init__(self, config: FwPKMConfig):
         super().__init__(config)
         self.model = FwPKMModel(config)
