@@ -366,3 +366,45 @@ def test_export_runs_on_transformers_4_57_and_5(exported, tmp_path):
     for key in ("greedy", "beam"):
         assert torch.equal(results["4"][key], results["5"][key]), key
     assert results["4"]["bf16_fast_dtype"] == results["5"]["bf16_fast_dtype"] == "torch.float32"
+
+
+def test_tokenizer_identity_vocab_fit_and_padded_rows(exported, tiny_data, tmp_path, monkeypatch):
+    """Another tokenizer than the run's is refused at export and at evaluation (one error naming both);
+    padded embedding rows are never predicted; loading a checkpoint leaves no temporary export behind."""
+    import json
+    import tempfile
+
+    from fwpkm_megatron.export import ExportError, export_checkpoint, load_model
+    from fwpkm_megatron.export.runtime import check_data_fits
+
+    run, step_dir, out = exported
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    (other / "tokenizer.json").write_text(json.dumps(json.loads((other / "tokenizer.json").read_text()),
+                                                     indent=3))  # other bytes: another sha256
+    (tmp_path / "tok").mkdir()
+    shutil.copyfile(other / "tokenizer.json", tmp_path / "tok" / "tokenizer.json")
+    with pytest.raises(ExportError, match="differs from the tokenizer the run was trained with"):
+        export_checkpoint(step_dir, tmp_path / "x", tokenizer=tmp_path / "tok" / "tokenizer.json")
+    with pytest.raises(ExportError, match="replaced after the data was prepared"):
+        export_checkpoint(step_dir, tmp_path / "x", tokenizer=other)
+    assert not (tmp_path / "x").exists()
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"] = {"sha256": None}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    hf = _hf(out)
+    check_data_fits(hf.config, tiny_data)
+    with pytest.raises(ExportError, match="does not fit the model: it was tokenized with tokenizer sha256"):
+        check_data_fits(hf.config, other)
+
+    hf.config.tokenizer_vocab_size = hf.config.vocab_size - 5  # as if the last 5 rows were TP padding
+    with torch.no_grad():
+        logits = hf(_tokens(1, 9, hf.config.vocab_size - 5, seed=2)).logits
+    assert int(logits.argmax(-1).max()) < hf.config.vocab_size - 5
+    assert torch.all(logits[..., -5:] == torch.finfo(logits.dtype).min)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    model, _ = load_model(step_dir)
+    assert model.config.fwpkm_tokenizer_sha256 == json.loads((tiny_data / "manifest.json").read_text())["tokenizer"]["sha256"]
+    assert not list((tmp_path / "tmp").iterdir()), "load_model left its temporary export behind"
