@@ -225,6 +225,15 @@ def test_command_lines_export_and_evaluate(exported, tiny_data, tmp_path, capsys
     assert (tmp_path / "ev" / f"ppl_{name}.png").is_file()
     assert (tmp_path / "ev" / f"memory_{name}" / "memory_stats.json").is_file()
     assert "ppl" in capsys.readouterr().out
+    ev2 = tmp_path / "ev2"  # a killed run left one result: the rerun takes it and computes the rest
+    ev2.mkdir()
+    fake = {"policy": "frozen", "loss": 1.0, "ppl": 2.718, "tokens": 64, "loss_by_position": [1.0]}
+    (ev2 / "ppl.partial.jsonl").write_text(json.dumps({"key": f"{tiny_data}|val|frozen", "value": fake}) + "\n")
+    assert eval_cli.main(["ppl", "--model", str(out), "--data", str(tiny_data), "--limit", "2", "--split", "val",
+                          "--out", str(ev2), "--no-progress"]) == 0
+    resumed = json.loads((ev2 / "ppl.json").read_text())[name]
+    assert resumed["frozen"] == fake and resumed["persistent"]["loss"] == report[name]["persistent"]["loss"]
+    assert not (ev2 / "ppl.partial.jsonl").exists()
 
 
 class _IdTokenizer:
