@@ -10,6 +10,17 @@ CPU_PINS := torch==2.13.0 deepspeed==0.19.8 megatron-core==0.16.1 triton==3.9.0 
 # lm-eval need, so pip cannot resolve both in one command (it warns about the declared conflict).
 EVAL_PINS := transformers==5.24.0 'lm-eval[hf]==0.4.13' tokenizers==0.23.3
 STAMP := $(VENV)/.installed
+# mosaicml-streaming pulls in PyPI's torchvision, a CUDA build whose operators cannot register beside CPU
+# torch, so `import torchvision` (and with it transformers' model classes and `import streaming`) fails.
+# Idempotent fix: an import hook in site-packages defines the two operator schemas before torchvision
+# loads, only for a CUDA torchvision beside a CPU torch (fwpkm_megatron/_torchvision_cpu.py says more).
+define TV_HOOK
+import shutil, sysconfig
+d = sysconfig.get_paths()["purelib"]
+shutil.copyfile("fwpkm_megatron/_torchvision_cpu.py", d + "/fwpkm_torchvision_cpu.py")
+open(d + "/fwpkm_torchvision_cpu.pth", "w").write("import fwpkm_torchvision_cpu\n")
+endef
+export TV_HOOK
 
 .PHONY: env demo test clean-demo
 
@@ -26,6 +37,8 @@ $(STAMP): setup.py Makefile
 		$(PY) -m pip install -q $(CPU_PINS) -e '.[test]' && \
 		$(PY) -m pip install -q torch==2.13.0 $(EVAL_PINS); \
 	fi
+	$(PY) -c "$$TV_HOOK"
+	$(PY) -c "from transformers import AutoModelForCausalLM, PreTrainedModel"  # plain transformers imports
 	@touch $(STAMP)
 
 demo: env

@@ -26,11 +26,12 @@ setup(
         "pyarrow>=14",  # Parquet and Hugging Face on-disk inputs to fwpkm-prep
         "numpy",
     ],
-    # transformers 5 (export / lm-eval) is installed in a second step: mosaicml-streaming 0.13 declares
-    # transformers<5 but runs with 5.x; see the Makefile and docs/evaluation.md.
+    # transformers (export / lm-eval) is installed in a second step: mosaicml-streaming 0.13 declares
+    # transformers<5 but runs with 5.x; see the Makefile and docs/evaluation.md. The exported model's
+    # code runs on transformers 4.57 and 5.x (export/hf/configuration_fwpkm.py: TRANSFORMERS_RANGE).
     extras_require={
         "test": ["pytest>=8"],
-        "eval": ["lm-eval[hf]>=0.4.13", "matplotlib>=3.8"],
+        "eval": ["transformers>=4.57,<6", "lm-eval[hf]>=0.4.13", "matplotlib>=3.8"],
     },
     entry_points={
         "console_scripts": [

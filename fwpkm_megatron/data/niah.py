@@ -24,6 +24,7 @@ Reproducible: record i of length L depends only on (seed, L, i) and the prepared
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -134,6 +135,28 @@ def make_record(tok: Any, hay: np.ndarray, *, length: int, index: int, seed: int
             "needles": needles, "seed": seed, "source": {**(source or {}), "offset": offset}}
 
 
+def iter_records(data_path: str | os.PathLike, *, lengths=DEFAULT_LENGTHS, per_length: int = 10, seed: int = 0,
+                 split: str = "val", num_needles: int = 5):
+    """The NIAH records of a prepared corpus, in order: `per_length` for each length (args: write_niah).
+
+    The one generator behind `fwpkm-prep niah` and `fwpkm-eval niah --data`: the same arguments give the
+    same records either way.
+    """
+    if per_length < 1 or not 1 <= num_needles <= 10_000 or not lengths or min(lengths) < 1 or seed < 0:
+        raise DataError(f"per_length={per_length}, num_needles={num_needles}, lengths={list(lengths)}, seed={seed}: "
+                        "need per_length >= 1, 1 <= num_needles <= 10000, lengths >= 1, seed >= 0")
+    tok = load_tokenizer(data_path)
+    tok.encode_special_tokens = True  # haystack text that spells a special token stays text
+    hay = haystack_ids(data_path, split)
+    if max(lengths) > len(hay):
+        log.warning("the %s split of %s has %d tokens, fewer than length %d: haystacks repeat text",
+                    split, data_path, len(hay), max(lengths))
+    source = {"data": str(data_path), "split": split}
+    for length in lengths:
+        for i in range(per_length):
+            yield make_record(tok, hay, length=length, index=i, seed=seed, num_needles=num_needles, source=source)
+
+
 def write_niah(data_path: str | os.PathLike, out_path: str | os.PathLike, *, lengths=DEFAULT_LENGTHS,
                per_length: int = 10, seed: int = 0, split: str = "val", num_needles: int = 5) -> int:
     """Write `per_length` records for each length to a JSON Lines file (atomically); returns the count.
@@ -150,28 +173,18 @@ def write_niah(data_path: str | os.PathLike, out_path: str | os.PathLike, *, len
     Raises:
         DataError: missing or broken prepared directory or split, or a length too short for the needles.
     """
-    if per_length < 1 or not 1 <= num_needles <= 10_000 or not lengths or min(lengths) < 1 or seed < 0:
-        raise DataError(f"per_length={per_length}, num_needles={num_needles}, lengths={list(lengths)}, seed={seed}: "
-                        "need per_length >= 1, 1 <= num_needles <= 10000, lengths >= 1, seed >= 0")
-    tok = load_tokenizer(data_path)
-    tok.encode_special_tokens = True  # haystack text that spells a special token stays text
-    hay = haystack_ids(data_path, split)
-    if max(lengths) > len(hay):
-        log.warning("the %s split of %s has %d tokens, fewer than length %d: haystacks repeat text",
-                    split, data_path, len(hay), max(lengths))
+    records = iter_records(data_path, lengths=lengths, per_length=per_length, seed=seed, split=split,
+                           num_needles=num_needles)
+    first = next(records)  # argument and data errors before anything is written
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(f".{out.name}.{os.getpid()}.part")
-    source = {"data": str(data_path), "split": split}
     count = 0
     try:
         with open(part, "w") as f:
-            for length in lengths:
-                for i in range(per_length):
-                    record = make_record(tok, hay, length=length, index=i, seed=seed, num_needles=num_needles,
-                                         source=source)
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    count += 1
+            for record in itertools.chain([first], records):
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
         os.replace(part, out)
     finally:
         part.unlink(missing_ok=True)

@@ -1,11 +1,15 @@
 """Needle-in-a-haystack with n-iter reads and greedy decoding (method notes 3.9 and 5.2).
 
 Protocol per record and n in `n_iters`:
-    memory = fresh (per_sequence, default) or carried over from the previous record (carry_over: the
-             paper's protocol, one memory per (length, n) setting starting from the exported state)
+    memory = fresh (per_sequence, default) or carried over from the previous record of the same length
+             (carry_over: the paper's protocol, one memory per (length, n) setting starting from the
+             exported state)
     n - 1 pre-reads of `context` alone, each with a fresh attention context, one memory write per read
     final read of `context + prompt`, then the write (the first answer token is read before it)
-    greedy decoding of the answer through the KV cache; no writes while decoding
+    greedy decoding of the answer through the KV cache, reading the memory read-only: the answer
+             tokens are never queued or written (nothing leaks into the next record's first write)
+Reads go through the KV cache in blocks of `prefill_block` tokens, so a 128K-token read needs memory
+for one block's activations, the queue of the read's memory inputs and (full attention) its keys.
 The update chunk is "one read": the queue never fills inside a read and each read ends with a flush.
 A record counts as correct when the decoded text, stripped, starts with `answer` (exact match of the
 6 digits). Records are JSON objects with `context`, `prompt`, `answer` (and optionally `length`,
@@ -24,16 +28,24 @@ from tqdm import tqdm
 
 ONE_READ = 1 << 62   # update chunk that never fills within a read; reads end with a flush
 DEPTH_BINS = 5
+PREFILL_BLOCK = 2048  # tokens per block of a long read through the KV cache (bounded memory, equal to one pass)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """NIAH records from a JSON Lines file; each needs `context`, `prompt` and `answer`."""
+    """NIAH records from a JSON Lines file; each needs `context`, `prompt` and `answer`.
+
+    Raises:
+        ValueError: naming the file and line of a line that is not JSON or lacks a field.
+    """
     records = []
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
-        missing = [k for k in ("context", "prompt", "answer") if k not in rec]
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg} at column {exc.colno})") from None
+        missing = [k for k in ("context", "prompt", "answer") if not isinstance(rec, dict) or k not in rec]
         if missing:
             raise ValueError(f"{path}:{lineno}: record lacks {missing}")
         records.append(rec)
@@ -42,15 +54,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def generate_records(data_path: str | Path, *, lengths, per_length: int, seed: int = 0, num_needles: int = 5,
                      split: str = "val") -> list[dict[str, Any]]:
-    """Records generated on the fly from a prepared corpus (the data package's NIAH generator)."""
-    from fwpkm_megatron.data import load_tokenizer
-    from fwpkm_megatron.data.niah import haystack_ids, make_record
+    """Records generated on the fly from a prepared corpus: exactly those `fwpkm-prep niah` writes."""
+    from fwpkm_megatron.data.niah import iter_records
 
-    tok = load_tokenizer(data_path)
-    hay = haystack_ids(data_path, split)
-    return [make_record(tok, hay, length=L, index=i, seed=seed, num_needles=num_needles,
-                        source={"data": str(data_path), "split": split})
-            for L in lengths for i in range(per_length)]
+    return list(iter_records(data_path, lengths=lengths, per_length=per_length, seed=seed, split=split,
+                             num_needles=num_needles))
 
 
 def _depth(rec: dict[str, Any]) -> float | None:
@@ -60,43 +68,116 @@ def _depth(rec: dict[str, Any]) -> float | None:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids as the record generator counts them: text that spells a special token stays text."""
+    backend = tokenizer.backend_tokenizer
+    saved = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return backend.encode(text, add_special_tokens=False).ids
+    finally:
+        backend.encode_special_tokens = saved
+
+
+def _key(rec: dict[str, Any], index: int, n: int) -> str:
+    return f"{rec.get('id', index)}|{n}"
+
+
+def _load_partial(path: Path | None) -> dict[str, dict[str, Any]]:
+    """Samples already done by an interrupted run (one JSON object per line; a torn last line is dropped)."""
+    done: dict[str, dict[str, Any]] = {}
+    if path is None or not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        done[sample["key"]] = sample
+    return done
 
 
 @torch.no_grad()
 def evaluate_niah(model, tokenizer, records: list[dict[str, Any]], *, n_iters=(1, 2), carry_over: bool = False,
-                  max_new_tokens: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Exact-match accuracy per n (reads), per length and per depth bin, and every sample's output."""
+                  max_new_tokens: int | None = None, progress: bool = True, prefill_block: int | None = PREFILL_BLOCK,
+                  partial: str | Path | None = None, check_vocab: bool = True) -> dict[str, Any]:
+    """Exact-match accuracy per n (reads), per length and per depth bin, and every sample's output.
+
+    Args:
+        carry_over: one memory per (length, n) setting, carried from record to record (the paper);
+            otherwise a fresh memory per record.
+        prefill_block: reads longer than this go through the KV cache in blocks (bounded memory).
+        partial: a JSONL file that receives each sample as it is done (each (length, n) group at its end
+            under carry_over); an interrupted run given the same file resumes after the samples it holds.
+    """
     device = next(model.parameters()).device
+    partial = Path(partial) if partial is not None else None
+    done = _load_partial(partial)
+    sink = open(partial, "a") if partial is not None else None
     snapshot = model.snapshot_fast_weights()
     samples = []
+    vocab = getattr(model.config, "tokenizer_vocab_size", None) or model.config.vocab_size
     try:
         for n in n_iters:
             if n < 1:
                 raise ValueError(f"n_iters: {n} < 1 (1 = the plain NIAH, one read)")
-            memory = None
-            for rec in tqdm(records, desc=f"niah {n}-iter", disable=not progress, leave=False):
-                if memory is None or not carry_over:
-                    memory = model.new_memory(1, policy="per_sequence", update_chunk=ONE_READ)
-                ctx = torch.tensor([_encode(tokenizer, rec["context"])], device=device)
-                final = torch.tensor([_encode(tokenizer, rec["context"] + rec["prompt"])], device=device)
-                for _ in range(n - 1):  # pre-reads: fresh attention context, one write per read
-                    model(ctx, memory=memory, use_cache=False, flush_memory=True)
-                out = model(final, memory=memory, use_cache=True, flush_memory=True)
-                budget = max_new_tokens or len(_encode(tokenizer, " " + str(rec["answer"]))) + 2
-                generated = []
-                for step in range(budget):
-                    token = out.logits[:, -1].argmax(-1, keepdim=True)
-                    generated.append(int(token))
-                    if step + 1 < budget:
-                        out = model(token, cache=out.cache, use_cache=True)
-                text = tokenizer.decode(generated, skip_special_tokens=True)
-                samples.append({"id": rec.get("id"), "n_iter": n, "length": rec.get("length", final.shape[1]),
-                                "depth": _depth(rec), "answer": str(rec["answer"]), "output": text,
-                                "correct": text.strip().startswith(str(rec["answer"]))})
+            groups: dict[Any, list[int]] = defaultdict(list)
+            for i, rec in enumerate(records):
+                groups[rec.get("length")].append(i)
+            for length, members in groups.items():
+                keys = [_key(records[i], i, n) for i in members]
+                if all(k in done for k in keys):  # resumed: this setting is complete
+                    samples += [done[k] for k in keys]
+                    continue
+                memory, group = None, []
+                for i, key in zip(tqdm(members, desc=f"niah {n}-iter L={length}", disable=not progress,
+                                       leave=False), keys):
+                    if key in done and not carry_over:
+                        samples.append(done[key])
+                        continue
+                    if memory is None or not carry_over:
+                        memory = model.new_memory(1, policy="per_sequence", update_chunk=ONE_READ)
+                    sample = _one(model, tokenizer, records[i], n, memory, device, max_new_tokens, prefill_block,
+                                  vocab if check_vocab else None)
+                    sample["key"] = key
+                    group.append(sample)
+                    if not carry_over and sink is not None:
+                        sink.write(json.dumps(sample) + "\n")
+                        sink.flush()
+                if carry_over and sink is not None:
+                    sink.write("".join(json.dumps(s) + "\n" for s in group))
+                    sink.flush()
+                samples += group
     finally:
         model.restore_fast_weights(snapshot)
+        if sink is not None:
+            sink.close()
     return {"n_iters": list(n_iters), "carry_over": carry_over, "samples": samples, **summarize(samples)}
+
+
+def _one(model, tokenizer, rec, n: int, memory, device, max_new_tokens, prefill_block, vocab) -> dict[str, Any]:
+    """One record at n reads: n - 1 pre-reads, the final read, greedy decoding that writes nothing."""
+    ctx_ids = _encode(tokenizer, rec["context"])
+    final_ids = _encode(tokenizer, rec["context"] + rec["prompt"])
+    if vocab is not None and max(final_ids, default=0) >= vocab:
+        raise ValueError(f"record {rec.get('id')!r}: token id {max(final_ids)} >= the model's vocabulary ({vocab}); "
+                         "the records were tokenized for another model")
+    ctx, final = torch.tensor([ctx_ids], device=device), torch.tensor([final_ids], device=device)
+    for _ in range(n - 1):  # pre-reads: fresh attention context, one write per read
+        model(ctx, memory=memory, use_cache=False, flush_memory=True, logits_to_keep=1, prefill_block=prefill_block)
+    out = model(final, memory=memory, use_cache=True, flush_memory=True, logits_to_keep=1, prefill_block=prefill_block)
+    budget = max_new_tokens or len(_encode(tokenizer, " " + str(rec["answer"]))) + 2
+    reader = memory.frozen_view()  # the answer is read with the memory as written, and never enters it
+    generated, cache = [], out.cache
+    logits = out.logits
+    for step in range(budget):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(int(token))
+        if step + 1 < budget:
+            nxt = model(token, cache=cache, memory=reader, use_cache=True)
+            cache, logits = nxt.cache, nxt.logits
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    return {"id": rec.get("id"), "n_iter": n, "length": rec.get("length", final.shape[1]), "depth": _depth(rec),
+            "answer": str(rec["answer"]), "output": text, "correct": text.strip().startswith(str(rec["answer"]))}
 
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:

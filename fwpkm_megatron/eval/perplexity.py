@@ -23,34 +23,64 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-def val_segments(data_path: str | Path, split: str = "val", limit: int | None = None) -> Iterator[torch.Tensor]:
-    """The split's samples in storage order (documents in order), int64 [seq_len + 1] each."""
+PREFILL_BLOCK = 2048  # tokens per forward call inside a segment (through the KV cache; equal to one pass)
+
+
+def val_segments(data_path: str | Path, split: str = "val", limit: int | None = None,
+                 length: int | None = None) -> Iterator[torch.Tensor]:
+    """A split's tokens in storage order (documents in order) as int64 segments.
+
+    length None: the prepared samples, seq_len + 1 tokens each. length L: the samples joined (they are
+    consecutive pieces of one token stream) and cut into disjoint segments of L + 1 tokens, so one
+    segment can be far longer than the training length (long-context perplexity).
+    """
     from fwpkm_megatron.data.layout import read_manifest
     from fwpkm_megatron.data.streaming_compat import import_streaming
 
-    read_manifest(data_path)
+    manifest = read_manifest(data_path)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{data_path}: has no {split!r} split (has {', '.join(manifest['splits'])})")
     ds = import_streaming().StreamingDataset(local=str(Path(data_path) / split), shuffle=False, batch_size=1)
-    n = ds.num_samples if limit is None else min(limit, ds.num_samples)
-    for i in range(n):
-        yield torch.as_tensor(ds[i]["tokens"].astype("int64"))
+    if length is None:
+        n = ds.num_samples if limit is None else min(limit, ds.num_samples)
+        for i in range(n):
+            yield torch.as_tensor(ds[i]["tokens"].astype("int64"))
+        return
+    buffer: list[torch.Tensor] = []
+    held, produced = 0, 0
+    for i in range(ds.num_samples):
+        if limit is not None and produced >= limit:
+            return
+        piece = torch.as_tensor(ds[i]["tokens"].astype("int64"))
+        buffer.append(piece)
+        held += piece.numel()
+        if held >= length + 1:
+            flat = torch.cat(buffer)
+            yield flat[:length + 1]
+            produced += 1
+            buffer, held = [flat[length + 1:]], flat.numel() - length - 1
 
 
 @torch.no_grad()
 def streaming_perplexity(model, segments: Iterable[torch.Tensor], *, policy: str = "persistent",
                          update_chunk: int | None = None, carry_lookahead: bool = False, progress: bool = True,
-                         observer=None, desc: str = "ppl") -> dict[str, Any]:
+                         observer=None, desc: str = "ppl", prefill_block: int | None = PREFILL_BLOCK) -> dict[str, Any]:
     """Mean next-token loss of a segment stream under one fast-weight policy.
 
     Args:
         model: an exported FwPKMForCausalLM (eval mode).
         segments: int64 [L + 1] token tensors (inputs [:-1], labels [1:]).
         observer: optional callable(model) after each segment (memory statistics).
+        prefill_block: a segment is read through the KV cache in blocks of this many tokens (rounded
+            down to a multiple of the update chunk), so memory stays bounded for long segments.
     Returns:
         {"policy", "update_chunk", "carry_lookahead", "segments", "tokens", "loss", "ppl",
          "loss_by_position": mean loss at each position of a segment}
     """
     device = next(model.parameters()).device
     snapshot = model.snapshot_fast_weights()
+    chunk = update_chunk or model.config.fwpkm.get("chunk_size") or 1
+    block = None if not prefill_block else max(prefill_block // chunk * chunk, chunk)
     memory = None
     sums: torch.Tensor | None = None
     counts: torch.Tensor | None = None
@@ -58,11 +88,9 @@ def streaming_perplexity(model, segments: Iterable[torch.Tensor], *, policy: str
     try:
         for seg in tqdm(segments, desc=desc, disable=not progress, leave=False):
             seg = seg.to(device)
-            ids, labels = seg[None, :-1], seg[None, 1:]
             if memory is None or policy == "per_sequence":
                 memory = model.new_memory(1, policy=policy, update_chunk=update_chunk, carry_lookahead=carry_lookahead)
-            logits = model(ids, memory=memory, use_cache=False, flush_memory=not carry_lookahead).logits
-            nll = F.cross_entropy(logits[0].float(), labels[0], reduction="none").double().cpu()
+            nll = _segment_nll(model, seg, memory, block or seg.numel(), flush=not carry_lookahead)
             if observer is not None:
                 observer(model)
             L = nll.shape[0]
@@ -83,6 +111,20 @@ def streaming_perplexity(model, segments: Iterable[torch.Tensor], *, policy: str
     return {"policy": policy, "update_chunk": update_chunk or model.config.fwpkm.get("chunk_size"),
             "carry_lookahead": carry_lookahead, "segments": n_segments, "tokens": tokens, "loss": loss,
             "ppl": math.exp(min(loss, 80.0)), "loss_by_position": (sums / counts.clamp_min(1)).tolist()}
+
+
+def _segment_nll(model, seg: torch.Tensor, memory, block: int, *, flush: bool) -> torch.Tensor:
+    """Per-token loss [L] of one segment (a fresh attention context), read in blocks through the KV cache."""
+    ids, labels = seg[None, :-1], seg[None, 1:]
+    L = ids.shape[1]
+    cache, parts = None, []
+    for a in range(0, L, block):
+        b = min(a + block, L)
+        out = model(ids[:, a:b], cache=cache, memory=memory, use_cache=True, flush_memory=flush and b == L,
+                    prefill_block=0)
+        cache = out.cache
+        parts.append(F.cross_entropy(out.logits[0].float(), labels[0, a:b], reduction="none").double().cpu())
+    return torch.cat(parts)
 
 
 def plot_loss_curves(results: dict[str, dict[str, Any]], path: str | Path, title: str = "loss by position") -> Path:

@@ -2,44 +2,25 @@
 
 `load_model(path)` is the one way evaluation gets a model: an export directory is verified against its
 size/sha256 index and loaded with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`;
-a checkpoint (step dir, checkpoints root or run dir) is first exported into a temporary directory.
+a checkpoint (step dir, checkpoints root or run dir) is first exported into a temporary directory,
+removed once the model is in memory.
+
+What loading trusts: an export is read with safetensors (no pickle), JSON and tokenizers; its
+`modeling_fwpkm.py` is Python and runs (`trust_remote_code`), so load exports you trust. A training
+checkpoint's `.pt` files are read with `torch.load(weights_only=True)`; a distributed checkpoint's
+`dist/` is read by megatron-core / torch distributed checkpointing, whose `.metadata` file IS a pickle
+(unpickled in full): load distributed checkpoints only from sources you trust.
 """
 from __future__ import annotations
 
-import importlib.util
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from fwpkm_megatron.export.hf.fwpkm_integrity import INDEX, verify_index
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def ensure_transformers_importable() -> None:
-    """Make `transformers`' model classes importable where the installed torchvision cannot load.
-
-    With CPU torch, PyPI's (CUDA) torchvision fails at import and takes `transformers.PreTrainedModel`
-    down with it (transformers imports torchvision when it is installed). The data package's
-    streaming shim defines the two missing op schemas; it is only needed when torchvision is present.
-    """
-    if importlib.util.find_spec("torchvision") is None:
-        return
-    try:
-        torch.ops.torchvision.nms  # noqa: B018  (present when torchvision's C++ ops loaded)
-        return
-    except (AttributeError, RuntimeError):
-        pass
-    from fwpkm_megatron.data.streaming_compat import import_streaming
-
-    import_streaming()
-
-
-def is_export_dir(path: str | Path) -> bool:
-    return (Path(path) / INDEX).is_file() or ((Path(path) / "config.json").is_file() and
-                                             (Path(path) / "model.safetensors").is_file())
+from fwpkm_megatron.export.hf.fwpkm_integrity import verify_index
+from fwpkm_megatron.export.runtime import DTYPES, ensure_transformers_importable, is_export_dir  # noqa: F401
+from fwpkm_megatron.export.writer import export_checkpoint
 
 
 def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = None, verify_checksums: bool = True,
@@ -56,11 +37,16 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = Non
         fwpkm_megatron.export.hf.fwpkm_integrity.ExportIntegrityError: a file is missing, truncated or corrupt.
     """
     path = Path(path)
-    if not is_export_dir(path):
-        from fwpkm_megatron.export.writer import export_checkpoint
+    if is_export_dir(path):
+        return _load_export(path, device, dtype, verify_checksums, config_overrides)
+    tmp = Path(tempfile.mkdtemp(prefix="fwpkm-export-"))
+    try:  # the weights are in memory once loaded: the temporary export is removed either way
+        return _load_export(export_checkpoint(path, tmp / "model"), device, dtype, False, config_overrides)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-        tmp = Path(tempfile.mkdtemp(prefix="fwpkm-export-"))
-        path = export_checkpoint(path, tmp / "model")
+
+def _load_export(path: Path, device: str, dtype: str | None, verify_checksums: bool, config_overrides: dict):
     verify_index(str(path), checksums=verify_checksums)
     ensure_transformers_importable()
     from transformers import AutoModelForCausalLM, AutoTokenizer

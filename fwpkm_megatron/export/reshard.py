@@ -119,7 +119,7 @@ def _fresh_trainer_state(run, step: int, scheduler) -> dict[str, Any]:
 def _load_source(source: Path, tp: int, dp_rank: int | None):
     """(model, optimizer or None, trainer state, config dict, meta, notes) of a single-process checkpoint
     or an export, loaded into one process."""
-    from fwpkm_megatron.export.loading import is_export_dir
+    from fwpkm_megatron.export.runtime import is_export_dir
     from fwpkm_megatron.export.writer import load_megatron_state
     from fwpkm_megatron.model import build_model
     from fwpkm_megatron.parallel.groups import init_single_process
@@ -169,7 +169,7 @@ def reshard_checkpoint(source: str | Path, out: str | Path, *, tp: int, pp: int,
         ExportError: the model does not fit the target layout, OUT exists, or the source cannot be resharded.
         CheckpointError: a source file is missing, truncated or corrupt.
     """
-    from fwpkm_megatron.export.loading import is_export_dir
+    from fwpkm_megatron.export.runtime import is_export_dir
 
     if tp < 1 or pp < 1:
         raise ExportError(f"tp={tp}, pp={pp}: must be >= 1")

@@ -30,7 +30,7 @@ from fwpkm_megatron.config import from_dict
 from fwpkm_megatron.export.convert import FAST_PREFIX, hf_config_fields, megatron_to_hf
 from fwpkm_megatron.export.hf.fwpkm_integrity import write_index
 from fwpkm_megatron.export.layout import ExportError, read_checkpoint
-from fwpkm_megatron.export.loading import DTYPES, ensure_transformers_importable
+from fwpkm_megatron.export.runtime import DTYPES, ensure_transformers_importable, tokenizer_identity
 
 HF_DIR = Path(__file__).parent / "hf"
 HF_CODE_FILES = ("configuration_fwpkm.py", "modeling_fwpkm.py", "fwpkm_integrity.py")
@@ -53,6 +53,29 @@ def _tokenizer_file(run, tokenizer: str | Path | None) -> tuple[Path, dict[str, 
     if manifest is not None:
         manifest["_sha256"] = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
     return source / "tokenizer.json", manifest
+
+
+def _check_tokenizer(run, given, tok_file: Path, rows: int) -> dict[str, Any]:
+    """The shipped tokenizer's identity, after checking it is the run's and fits the embedding (one error).
+
+    A tokenizer given explicitly must equal the one at the run's data.path when that is reachable.
+    Embedding rows past the tokenizer's vocabulary (TP padding) stay in the weights, and the exported
+    model masks their logits (`tokenizer_vocab_size`).
+    """
+    ident = tokenizer_identity(tok_file.parent if tok_file.name == "tokenizer.json" and
+                               (tok_file.parent / "manifest.json").is_file() else tok_file)
+    problems = []
+    if ident["vocab_size"] > rows:
+        problems.append(f"its vocabulary ({ident['vocab_size']}) exceeds the checkpoint's embedding rows ({rows})")
+    trained = Path(run.data.path) / "tokenizer.json"
+    if given is not None and trained.is_file() and trained.resolve() != tok_file.resolve():
+        trained_sha = tokenizer_identity(trained)["sha256"]
+        if trained_sha != ident["sha256"]:
+            problems.append(f"its sha256 {ident['sha256'][:12]}... differs from the tokenizer the run was trained "
+                            f"with ({trained}, {trained_sha[:12]}...)")
+    if problems:
+        raise ExportError(f"tokenizer {tok_file}: {'; '.join(problems)}")
+    return ident
 
 
 def _readme(info: dict[str, Any]) -> str:
@@ -132,6 +155,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     vocab_size = int(state["embedding.word_embeddings.weight"].shape[0])
     tensors = megatron_to_hf(state, run)
     tok_file, data_manifest = _tokenizer_file(run, tokenizer)
+    tok_id = _check_tokenizer(run, tokenizer, tok_file, vocab_size)
 
     ensure_transformers_importable()
     from safetensors.torch import save_file
@@ -159,7 +183,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
         eos_id = hf_tok.convert_tokens_to_ids(eos)
 
         config = FwPKMConfig(**hf_config_fields(run, vocab_size, policy=policy), bos_token_id=eos_id,
-                             eos_token_id=eos_id, pad_token_id=eos_id)
+                             eos_token_id=eos_id, pad_token_id=eos_id, tokenizer_vocab_size=tok_id["vocab_size"],
+                             fwpkm_tokenizer_sha256=tok_id["sha256"])
         config.auto_map = dict(AUTO_MAP)
         config.architectures = ["FwPKMForCausalLM"]
         config.dtype = slow_dtype
@@ -172,7 +197,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
 
         info = {**meta, "dtype": dtype, "policy": policy, "run_config": config_dict,
                 "data_manifest_sha256": (data_manifest or {}).get("_sha256"),
-                "tokenizer_source": str(tok_file), "vocab_size": vocab_size}
+                "tokenizer_source": str(tok_file), "tokenizer_sha256": tok_id["sha256"],
+                "tokenizer_vocab_size": tok_id["vocab_size"], "vocab_size": vocab_size}
         (tmp / "fwpkm_training.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(_readme({**info, "tokens_seen": max(info["tokens_seen"], 0)}))
         write_index(str(tmp))  # last: its presence marks a complete export

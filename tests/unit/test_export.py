@@ -251,3 +251,166 @@ def test_dp_rank_and_unfit_layouts_are_refused_clearly(exported, tmp_path):
     with pytest.raises(ExportError, match="num_attention_heads"):  # 4 heads do not split over TP=3
         reshard_checkpoint(step_dir, tmp_path / "y", tp=3, pp=1)
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
+
+
+@pytest.mark.parametrize("policy", ["per_sequence", "persistent"])
+def test_blockwise_prefill_equals_one_pass(exported, policy):
+    """Blocks through the KV cache and the memory queue give one pass's logits, loss, memory and KV cache.
+
+    Block 5 is not a multiple of the chunk (8): the queue carries partial chunks between blocks; 16 is.
+    The window (12) is shorter than the input: every windowed layer keeps only its last 11 keys.
+    """
+    _, _, out = exported
+    hf = _hf(out, fwpkm_policy=policy)
+    ids = _tokens(2, 3 * SEQ, hf.config.vocab_size, seed=21)
+    mask = torch.ones_like(ids)
+    if policy == "per_sequence":
+        mask[1, :7] = 0  # a left-padded row: padding is neither attended to nor written
+    runs = {}
+    with torch.no_grad():
+        for block in (None, 5, 16):
+            start = hf.snapshot_fast_weights()
+            memory = hf.new_memory(2)
+            o = hf(ids[:, :-4], attention_mask=mask[:, :-4], memory=memory, use_cache=True, labels=ids[:, :-4],
+                   prefill_block=block)
+            more = hf(ids[:, -4:], attention_mask=mask, cache=o.cache, use_cache=True, flush_memory=True)
+            runs[block] = (o, more, memory.state(0, 1), hf.snapshot_fast_weights())
+            hf.restore_fast_weights(start)
+    ref = runs[None]
+    for block in (5, 16):
+        o, more, state, fast = runs[block]
+        _close(ref[0].logits, o.logits, f"logits, block {block}")
+        _close(ref[0].loss, o.loss, f"loss, block {block}")
+        _close(ref[1].logits, more.logits, f"logits after the prefill, block {block}")
+        _close(ref[2][1], state[1], f"memory values, block {block}")
+        _close(ref[3]["layer_0.values"], fast["layer_0.values"], f"stored fast weights, block {block}")
+        for (k0, v0), (k1, v1) in zip(ref[1].cache.kv, more.cache.kv):
+            assert k1.shape[2] == hf.config.attention_window - 1
+            _close(k0, k1, "kept keys")
+            _close(v0, v1, "kept values")
+    with torch.no_grad():
+        whole = hf(ids, memory=hf.new_memory(2, policy="frozen")).logits
+        keep = hf(ids, memory=hf.new_memory(2, policy="frozen"), prefill_block=16, logits_to_keep=3).logits
+    _close(whole[:, -3:], keep, "logits_to_keep over blocks")
+
+
+def _modeling(out):
+    """The exported copy of modeling_fwpkm.py, as transformers imported it."""
+    import sys
+
+    return sys.modules[type(_hf(out)).__module__]
+
+
+def test_sdpa_attention_matches_explicit_scores(exported, monkeypatch):
+    """causal_attention (SDPA, query blocks) equals softmax over an explicit masked score matrix."""
+    modeling = _modeling(exported[2])
+    g = torch.Generator().manual_seed(4)
+    B, nh, nkv, T, hd, kept = 2, 6, 3, 13, 8, 9
+    q = torch.randn(B, nh, T, hd, generator=g)
+    k, v = torch.randn(B, nkv, kept + T, hd, generator=g), torch.randn(B, nkv, kept + T, hd, generator=g)
+    valid = torch.ones(B, kept + T, dtype=torch.bool)
+    valid[0, :5] = False
+    q0, k0 = 20, 20 - kept
+    for window in (None, 4):
+        i = torch.arange(q0, q0 + T)[:, None]
+        j = torch.arange(k0, q0 + T)[None]
+        vis = (j <= i) & ((j > i - window) if window else True) & valid[:, None, None, :]
+        scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / hd ** 0.5
+        ref = scores.masked_fill(~vis, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)
+        for elements in (1 << 24, 40):  # one call, and query blocks of a few rows
+            monkeypatch.setattr(modeling, "MASK_ELEMENTS", elements)
+            got = modeling.causal_attention(q, k, v, q0=q0, k0=k0, window=window, key_valid=valid)
+            _close(ref, got, f"window {window}, mask elements {elements}")
+
+
+def test_rope_scaling_linear_and_yarn(exported):
+    rope_inv_freq = _modeling(exported[2]).rope_inv_freq
+
+    base, _ = rope_inv_freq(64, 10000.0)
+    lin, f = rope_inv_freq(64, 10000.0, {"type": "linear", "factor": 4})
+    assert f == 1.0 and torch.allclose(lin, base / 4)
+    yarn, f = rope_inv_freq(64, 10000.0, {"type": "yarn", "factor": 4, "original_max_position_embeddings": 4096})
+    assert abs(f - (0.1 * torch.log(torch.tensor(4.0)).item() + 1)) < 1e-6
+    assert torch.equal(yarn[:8], base[:8]), "fast dimensions keep their frequency"
+    assert torch.allclose(yarn[-4:], base[-4:] / 4), "slow dimensions are interpolated"
+    with pytest.raises(ValueError, match="linear' or 'yarn"):
+        rope_inv_freq(64, 10000.0, {"type": "ntk", "factor": 2})
+
+
+TRANSFORMERS_4 = ("transformers==4.57.6", "tokenizers==0.22.2", "huggingface-hub==0.36.2")
+
+
+def test_export_runs_on_transformers_4_57_and_5(exported, tmp_path):
+    """The same export gives the same logits, greedy and beam generations under transformers 4.57 and 5.x.
+
+    transformers 4.57 is installed once (pip --target, no dependencies) into a cache directory,
+    $FWPKM_TEST_CACHE or ~/.cache/fwpkm-tests, and put first on the probe process's path.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import transformers
+
+    cache = Path(os.environ.get("FWPKM_TEST_CACHE", Path.home() / ".cache" / "fwpkm-tests")) / "transformers-4.57"
+    if not (cache / "transformers-4.57.6.dist-info").is_dir():
+        pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(cache),
+                              *TRANSFORMERS_4], capture_output=True, text=True, timeout=900)
+        assert pip.returncode == 0, f"installing {TRANSFORMERS_4} into {cache} failed:\n{pip.stderr[-2000:]}"
+    probe = Path(__file__).with_name("hf_compat_probe.py")
+    results = {}
+    for name, extra in (("4", str(cache)), ("5", None)):
+        env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH")) if p)
+        run = subprocess.run([sys.executable, str(probe), str(exported[2]), str(tmp_path / f"{name}.pt")],
+                             capture_output=True, text=True, timeout=600, env=env)
+        assert run.returncode == 0, f"transformers {name}.x: {run.stderr[-3000:]}"
+        results[name] = torch.load(tmp_path / f"{name}.pt")
+    assert results["4"]["version"] == "4.57.6" and results["5"]["version"] == transformers.__version__
+    _close(results["5"]["logits"], results["4"]["logits"], "logits, transformers 4.57 vs 5")
+    for key in ("greedy", "beam"):
+        assert torch.equal(results["4"][key], results["5"][key]), key
+    assert results["4"]["bf16_fast_dtype"] == results["5"]["bf16_fast_dtype"] == "torch.float32"
+
+
+def test_tokenizer_identity_vocab_fit_and_padded_rows(exported, tiny_data, tmp_path, monkeypatch):
+    """Another tokenizer than the run's is refused at export and at evaluation (one error naming both);
+    padded embedding rows are never predicted; loading a checkpoint leaves no temporary export behind."""
+    import json
+    import tempfile
+
+    from fwpkm_megatron.export import ExportError, export_checkpoint, load_model
+    from fwpkm_megatron.export.runtime import check_data_fits
+
+    run, step_dir, out = exported
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    (other / "tokenizer.json").write_text(json.dumps(json.loads((other / "tokenizer.json").read_text()),
+                                                     indent=3))  # other bytes: another sha256
+    (tmp_path / "tok").mkdir()
+    shutil.copyfile(other / "tokenizer.json", tmp_path / "tok" / "tokenizer.json")
+    with pytest.raises(ExportError, match="differs from the tokenizer the run was trained with"):
+        export_checkpoint(step_dir, tmp_path / "x", tokenizer=tmp_path / "tok" / "tokenizer.json")
+    with pytest.raises(ExportError, match="replaced after the data was prepared"):
+        export_checkpoint(step_dir, tmp_path / "x", tokenizer=other)
+    assert not (tmp_path / "x").exists()
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"] = {"sha256": None}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    hf = _hf(out)
+    check_data_fits(hf.config, tiny_data)
+    with pytest.raises(ExportError, match="does not fit the model: it was tokenized with tokenizer sha256"):
+        check_data_fits(hf.config, other)
+
+    hf.config.tokenizer_vocab_size = hf.config.vocab_size - 5  # as if the last 5 rows were TP padding
+    with torch.no_grad():
+        logits = hf(_tokens(1, 9, hf.config.vocab_size - 5, seed=2)).logits
+    assert int(logits.argmax(-1).max()) < hf.config.vocab_size - 5
+    assert torch.all(logits[..., -5:] == torch.finfo(logits.dtype).min)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    model, _ = load_model(step_dir)
+    assert model.config.fwpkm_tokenizer_sha256 == json.loads((tiny_data / "manifest.json").read_text())["tokenizer"]["sha256"]
+    assert not list((tmp_path / "tmp").iterdir()), "load_model left its temporary export behind"

@@ -23,8 +23,11 @@ n-iter NIAH protocol). Policies are described in `configuration_fwpkm.py`.
 Names in model.safetensors: `model.*` are slow weights; `fast_weights.layer_{i}.keys|values` are the
 FwPKM fast-weight state of layer i (fp32 always).
 
-transformers 5.x notes: the KV cache is our own object returned as `cache` (generate feeds it back);
+transformers notes (4.57 and 5.x, `configuration_fwpkm.TRANSFORMERS_RANGE`): the KV cache is our own
+object, returned as `cache` (5.x) or `past_key_values` (4.x) and fed back by generate;
 `prepare_inputs_for_generation` slices the unprocessed tokens itself, so generation is exact.
+Long inputs: `prefill_block` feeds them through the cache in blocks (equal to one pass); attention runs
+through SDPA with masks of bounded size, and a sliding-window layer keeps only its last W-1 keys/values.
 """
 from __future__ import annotations
 
@@ -38,16 +41,22 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_fwpkm import POLICIES, FwPKMConfig
+from .configuration_fwpkm import POLICIES, FwPKMConfig, check_transformers_version
 from .fwpkm_integrity import verify_index
 from .fwpkm_reference import RowOverlay, fwpkm_scan_rows, pkm_address, pkm_read
 
+check_transformers_version()
+# transformers 5 renamed the cache field/argument `past_key_values` to `cache`; forward accepts both
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 ZSCORE_EPS = 1e-6          # App. A.3: v <- (v - mean) / (std + 1e-6), unbiased std
 PKM_QUERY_NORM_EPS = 1e-6  # the static PKM's RMSNorm on its query
-MASK_VALUE = -10000.0      # what megatron writes into masked attention scores
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
+def _output(loss, logits, cache) -> CausalLMOutputWithPast:
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+
 
 class ZeroCenteredRMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * (1 + w), w zero-initialized (the FwPKM branch's norms)."""
@@ -66,12 +75,45 @@ def zscore(v):
     return (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + ZSCORE_EPS)
 
 
-def rope_cos_sin(positions, head_dim: int, base: float):
+def rope_inv_freq(dim: int, base: float, scaling: dict | None = None, device=None):
+    """RoPE inverse frequencies [dim/2] and the attention factor that scales cos/sin.
+
+    scaling (`fwpkm_rope_scaling`, full-attention layers only): None; {"type": "linear", "factor": s}
+    (positions / s); {"type": "yarn", "factor": s, "original_max_position_embeddings": L, "beta_fast": 32,
+    "beta_slow": 1} (YaRN, arXiv 2309.00071: dimensions that rotate more than beta_fast times in L tokens
+    keep their frequency, those under beta_slow are interpolated by s, a linear ramp between; cos/sin
+    scaled by 0.1 ln s + 1).
+    """
+    exponent = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+    inv_freq = 1.0 / (base ** exponent)
+    if not scaling:
+        return inv_freq, 1.0
+    kind, factor = scaling.get("type"), float(scaling.get("factor", 1.0))
+    if factor < 1.0:
+        raise ValueError(f"fwpkm_rope_scaling factor={factor}: must be >= 1")
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind != "yarn":
+        raise ValueError(f"fwpkm_rope_scaling type={kind!r}: must be 'linear' or 'yarn'")
+    original = float(scaling["original_max_position_embeddings"])  # the training length
+    beta_fast, beta_slow = float(scaling.get("beta_fast", 32.0)), float(scaling.get("beta_slow", 1.0))
+
+    def correction_dim(rotations: float) -> float:  # the dim index that rotates `rotations` times in `original`
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    keep = 1.0 - ramp                                  # 1: extrapolate (high frequency), 0: interpolate
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, 0.1 * math.log(factor) + 1.0
+
+
+def rope_cos_sin(positions, head_dim: int, base: float, scaling: dict | None = None):
     """cos, sin [B, T, head_dim] for integer positions [B, T] (megatron's non-interleaved RoPE)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    inv_freq, attention_factor = rope_inv_freq(head_dim, base, scaling, positions.device)
     freqs = positions.float()[..., None] * inv_freq                   # [B, T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
 def rotary_dim(config) -> int:
@@ -185,6 +227,22 @@ class FwPKMMemory:
                 out.streams[lid] = [c]
         return out
 
+    def frozen_view(self) -> "FwPKMMemory":
+        """The same memory, read-only: reads see every write so far; nothing is queued or written.
+
+        For decoding after a read whose write is done (NIAH): the answer tokens must not enter the queue.
+        """
+        out = copy.copy(self)
+        out.streams = {}
+        for lid, streams in self.streams.items():
+            frozen = []
+            for s in streams:
+                c = s.clone()
+                c.kind, c.q, c.v, c.g = "frozen", None, None, None
+                frozen.append(c)
+            out.streams[lid] = frozen
+        return out
+
     def state(self, layer_id: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) that row `row` of layer `layer_id` currently reads."""
         streams = self.streams[layer_id]
@@ -224,6 +282,14 @@ class FastWeightState(nn.Module):
         R = math.isqrt(num_slots)
         self.register_buffer("keys", torch.zeros(heads, 2, R, d_k // 2, dtype=torch.float32))
         self.register_buffer("values", torch.zeros(num_slots, d_v, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the state, but a dtype cast (`.bfloat16()`, `.to(dtype)`) leaves it fp32."""
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
 
 
 class FwPKMBranch(nn.Module):
@@ -403,33 +469,82 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+MASK_ELEMENTS = 1 << 24   # query rows x keys per attention call: bounds the additive mask (64 MiB in fp32)
+
+
+def causal_attention(q, k, v, *, q0: int, k0: int, window: int | None, key_valid):
+    """softmax(q k^T / sqrt(hd)) v over the visible keys, through SDPA, in query blocks of bounded mask size.
+
+    q [B, nh, T, hd] are the tokens at absolute indices q0.., k/v [B, nkv, S, hd] the keys at k0..
+    (query head i uses key group i // (nh / nkv), megatron's layout). Query i sees key j when
+    j <= i, j > i - window (if windowed) and key_valid[:, j - k0] (padding; None = all valid). A query
+    always sees itself, so a padding row is finite (its output is unused) instead of NaN.
+    Memory: one additive mask of at most MASK_ELEMENTS x B entries; no [T, S] score matrix is kept.
+    """
+    B, nh, T, hd = q.shape
+    S = k.shape[2]
+    gqa = nh != k.shape[1]
+    out = torch.empty_like(q)
+    rows = max(1, min(T, MASK_ELEMENTS // max(S, 1)))
+    if window is not None:
+        rows = max(1, min(T, MASK_ELEMENTS // max(window + 1, 1)))
+    for a in range(0, T, rows):
+        b = min(a + rows, T)
+        qa, qb = q0 + a, q0 + b                                 # absolute query indices [qa, qb)
+        lo = k0 if window is None else max(k0, qa - window + 1)  # first key any of these queries sees
+        i = torch.arange(qa, qb, device=q.device)[:, None]
+        j = torch.arange(lo, qb, device=q.device)[None, :]
+        visible = j <= i
+        if window is not None:
+            visible = visible & (j > i - window)
+        visible = visible[None, None]                           # [1, 1, rows, keys]
+        if key_valid is not None:
+            visible = (visible & key_valid[:, None, None, lo - k0:qb - k0]) | (j == i)[None, None]
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        out[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo - k0:qb - k0],
+                                                        v[:, :, lo - k0:qb - k0], attn_mask=mask, enable_gqa=gqa)
+    return out
+
+
 class Attention(nn.Module):
-    """Causal (optionally sliding-window) multi-head / grouped-query attention with RoPE; fp32 softmax."""
+    """Causal (optionally sliding-window) multi-head / grouped-query attention with RoPE, through SDPA.
+
+    Steps, in order: project q/k/v; per-head q/k RMSNorm (`qk_norm`, else identity); RoPE on the first
+    `rotary_dim(config)` channels of every head; attention; the per-head output times the sigmoid output
+    gate (`attention_output_gate`, else unchanged); o_proj.
+    """
 
     def __init__(self, config: FwPKMConfig):
         super().__init__()
         h = config.hidden_size
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = h // self.heads
+        self.window = config.attention_window
         self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
         self.q_norm, self.k_norm, self.gate_proj = attention_extras(config, self.heads, self.head_dim)
 
-    def forward(self, x, cos, sin, visible, past):
+    def forward(self, x, cos, sin, past, q0: int, key_valid):
+        """x [B, T, h] at absolute indices q0..; past (k, v) kept from earlier calls (or None).
+
+        Returns the output and the (k, v) to keep: all of them, or the last window - 1 when windowed
+        (the most any later query can see), so a windowed layer's cache is O(window).
+        """
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim)).transpose(1, 2)     # [B, nh, T, hd]
         k = self.k_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)).transpose(1, 2)  # [B, nkv, T, hd]
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos/sin cover the first rotary_dim channels
+        kept = 0 if past is None else past[0].shape[2]
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        rep = self.heads // self.kv_heads       # query head i uses key group i // rep (megatron's layout)
-        kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        scores = torch.matmul(q, kr.transpose(-1, -2)).float() / math.sqrt(self.head_dim)   # [B, nh, T, S]
-        probs = scores.masked_fill(~visible, MASK_VALUE).softmax(-1).to(vr.dtype)
-        out = torch.matmul(probs, vr).transpose(1, 2).reshape(B, T, -1)
+        out = causal_attention(q, k, v, q0=q0, k0=q0 - kept, window=self.window, key_valid=key_valid)
+        out = out.transpose(1, 2).reshape(B, T, -1)                                    # per-head outputs
+        if self.window is not None:
+            drop = max(k.shape[2] - (self.window - 1), 0)
+            k, v = k[:, :, drop:], v[:, :, drop:]
         return self.o_proj(gate_output(out, self.gate_proj, x)), (k, v)
 
 
@@ -442,10 +557,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = PKMMLP(config) if layer_id in config.pkm.get("layers", []) else SwiGLU(config)
 
-    def forward(self, h, cos, sin, visible, past, memory, row_mask, flush):
+    def forward(self, h, cos, sin, past, q0, key_valid, memory, row_mask, flush):
         if self.fwpkm is not None:
             h = h + self.fwpkm(h, memory, row_mask, flush)
-        attn, kv = self.self_attn(self.input_layernorm(h), cos, sin, visible, past)
+        attn, kv = self.self_attn(self.input_layernorm(h), cos, sin, past, q0, key_valid)
         h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
@@ -455,7 +570,6 @@ class DecoderLayer(nn.Module):
 class FwPKMPreTrainedModel(PreTrainedModel):
     config_class = FwPKMConfig
     base_model_prefix = "model"
-    _keep_in_fp32_modules = ["fast_weights"]   # fp32 fast weights always (bf16 would round writes away)
     _no_split_modules = ["DecoderLayer"]
 
     def _init_weights(self, module):
@@ -482,6 +596,10 @@ class FwPKMModel(FwPKMPreTrainedModel):
 
 
 class FwPKMForCausalLM(FwPKMPreTrainedModel, GenerationMixin):
+    # fp32 fast weights always (bf16 would round writes away): FastWeightState refuses other dtypes, and
+    # transformers 5 is told as well (4.x checks this list against parameters and has none to find here)
+    _keep_in_fp32_modules = ["fast_weights"] if CACHE_FIELD == "cache" else None
+
     def __init__(self, config: FwPKMConfig):
         super().__init__(config)
         self.model = FwPKMModel(config)
@@ -532,17 +650,25 @@ class FwPKMForCausalLM(FwPKMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, position_ids=None,
                 labels=None, memory: FwPKMMemory | None = None, flush_memory: bool | None = None,
-                logits_to_keep: int = 0, return_dict=None, **kwargs):
+                logits_to_keep: int = 0, prefill_block: int | None = None, return_dict=None, past_key_values=None,
+                **kwargs):
         """Logits [B, T, V] for `input_ids` [B, T] that follow the `cache.seen` tokens already processed.
 
         Args:
             attention_mask: [B, seen + T] (1 = token, 0 = padding), covering the cached tokens too.
-            cache: an FwPKMCache from a previous call (KV + memory), or None to start a new sequence.
+            cache: an FwPKMCache from a previous call (KV + memory), or None to start a new sequence
+                (`past_key_values` is the same argument under transformers 4.x).
             memory: an FwPKMMemory to read and write (default: the cache's, or a new one per the config).
             flush_memory: write the queued tokens at the end of this call. Default: only when a call on
                 a new sequence without caching runs under the persistent policy (then the state left in
                 the buffers equals the training model's after the same forward).
+            logits_to_keep: return only the last this many positions' logits (0 = all).
+            prefill_block: feed the tokens in blocks of this many through the KV cache and the memory
+                queue (default `config.prefill_block`; None = one pass). The result equals one pass;
+                activations are O(block), so long contexts fit in bounded memory (keep logits_to_keep
+                small too: all logits of a long input are [T, V]).
         """
+        cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, FwPKMCache):
             if cache.get_seq_length() != 0:
                 raise TypeError(f"FwPKMForCausalLM needs its own FwPKMCache, got {type(cache).__name__}")
@@ -556,59 +682,96 @@ class FwPKMForCausalLM(FwPKMPreTrainedModel, GenerationMixin):
         if memory.batch_size != B:
             raise ValueError(f"memory was built for batch size {memory.batch_size}, the input has {B} rows")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        device = input_ids.device
-
         if attention_mask is not None and attention_mask.shape[1] != past + T:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} tokens, expected seen + new = {past + T}")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + T, device=device).expand(B, T)
-        i = torch.arange(past, past + T, device=device)[:, None]             # query index [T, 1]
-        j = torch.arange(past + T, device=device)[None, :]                   # key index   [1, S]
-        visible = j <= i
-        if self.config.attention_window is not None:
-            visible = visible & (j > i - self.config.attention_window)
-        visible = visible[None, None]                                        # [1, 1, T, S]
-        row_mask = None
-        if attention_mask is not None:
-            visible = visible & attention_mask.bool()[:, None, None, :]
-            row_mask = attention_mask[:, past:]
-            if bool(row_mask.all()):
-                row_mask = None
-
-        cos, sin = rope_cos_sin(position_ids, rotary_dim(self.config), self.config.rope_theta)
-        h = self.model.embed_tokens(input_ids)
-        new_cache = FwPKMCache(len(self.model.layers), memory) if use_cache else None
-        for n, layer in enumerate(self.model.layers):
-            h, kv = layer(h, cos, sin, visible, cache.kv[n] if cache is not None else None, memory, row_mask,
-                          bool(flush_memory))
-            if new_cache is not None:
-                new_cache.kv[n] = kv
-        if new_cache is not None:
-            new_cache.seen = past + T
-        h = self.model.norm(h)
+        block = self.config.prefill_block if prefill_block is None else prefill_block
+        if block and T > block:
+            return self._forward_blocks(input_ids, attention_mask, cache, use_cache, position_ids, labels, memory,
+                                        bool(flush_memory), logits_to_keep, block)
+        h, new_cache = self._decode(input_ids, attention_mask, cache, position_ids, memory, bool(flush_memory))
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, weight).float()
+        logits = self._logits(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=new_cache)
+        return _output(loss, logits, new_cache if use_cache else None)
 
-    # --- generation (transformers 5.x) ----------------------------------------------------------
+    def _logits(self, h):
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, weight).float()
+        used = self.config.tokenizer_vocab_size
+        if used is not None and used < logits.shape[-1]:  # padded rows (TP) are no tokens: never predicted
+            logits[..., used:] = torch.finfo(logits.dtype).min
+        return logits
+
+    def _decode(self, input_ids, attention_mask, cache, position_ids, memory, flush):
+        """The decoder stack over one call's tokens: (final hidden states, the cache extended by them)."""
+        B, T = input_ids.shape
+        past = cache.seen if cache is not None else 0
+        kept = 0 if cache is None or cache.kv[0] is None else cache.kv[0][0].shape[2]
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        key_valid = row_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_valid = attention_mask[:, past - kept:].bool()
+            row_mask = attention_mask[:, past:]
+            if bool(row_mask.all()):
+                row_mask = None
+        c = self.config
+        scaling = None  # full-attention layers only; YaRN's original length defaults to the training length
+        if c.fwpkm_rope_scaling and c.attention_window is None:
+            scaling = {"original_max_position_embeddings": c.max_position_embeddings, **c.fwpkm_rope_scaling}
+        cos, sin = rope_cos_sin(position_ids, rotary_dim(c), c.rope_theta, scaling)
+        h = self.model.embed_tokens(input_ids)
+        new_cache = FwPKMCache(len(self.model.layers), memory)
+        for n, layer in enumerate(self.model.layers):
+            h, new_cache.kv[n] = layer(h, cos, sin, cache.kv[n] if cache is not None else None, past, key_valid,
+                                       memory, row_mask, flush)
+        new_cache.seen = past + T
+        return self.model.norm(h), new_cache
+
+    def _forward_blocks(self, input_ids, attention_mask, cache, use_cache, position_ids, labels, memory, flush,
+                        logits_to_keep, block):
+        """`forward` over blocks of `block` tokens (a multiple of the update chunk when it is finite)."""
+        chunk = memory.update_chunk or self.config.fwpkm.get("chunk_size") or 1
+        if chunk < block:
+            block = block // chunk * chunk
+        B, T = input_ids.shape
+        past = cache.seen if cache is not None else 0
+        kept_logits, loss_sum, loss_count = [], 0.0, 0
+        for a in range(0, T, block):
+            b = min(a + block, T)
+            h, cache = self._decode(input_ids[:, a:b], None if attention_mask is None else attention_mask[:, :past + b],
+                                    cache, None if position_ids is None else position_ids[:, a:b], memory,
+                                    flush and b == T)
+            if not logits_to_keep or b > T - logits_to_keep:
+                logits = self._logits(h if not logits_to_keep else h[:, max(T - logits_to_keep - a, 0):])
+                kept_logits.append(logits)
+            if labels is not None:  # position t predicts labels[t + 1] (the whole input's shift)
+                nxt = labels[:, a + 1:b + 1]
+                lg = self._logits(h[:, :nxt.shape[1]]) if logits_to_keep else kept_logits[-1][:, :nxt.shape[1]]
+                loss_sum = loss_sum + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), nxt.reshape(-1),
+                                                      ignore_index=-100, reduction="sum")
+                loss_count += int((nxt != -100).sum())
+        loss = None if labels is None else loss_sum / max(loss_count, 1)
+        return _output(loss, torch.cat(kept_logits, 1), cache if use_cache else None)
+
+    # --- generation (transformers 4.57+ and 5.x) --------------------------------------------------------
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # our own FwPKMCache; the prefill gets cache=None
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
-                                      memory=None, **kwargs):
+                                      memory=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
         seen = cache.seen if isinstance(cache, FwPKMCache) else 0
-        return {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask, "cache": cache,
+        return {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask, CACHE_FIELD: cache,
                 "use_cache": True, "memory": memory}
 
     def _reorder_cache(self, cache, beam_idx):
