@@ -289,7 +289,7 @@ def test_each_bad_input_raises_data_error_naming_it(tmp_path, monkeypatch):
     (tmp_path / "garbage.json").write_text("{not json")
     cases.append((dict(inputs=[str(good / "*.txt")], tokenizer_path=str(tmp_path / "garbage.json")),
                   "garbage.json: cannot load"))
-    cases.append((dict(inputs=[str(good / "*.txt")], seq_len=100_000), "train split: .* fewer than one sample"))
+    cases.append((dict(inputs=[str(good / "*.txt")], seq_len=100_000), "seq_len=100000: the corpus holds at most .* fewer than one sample"))
     cases.append((dict(inputs=[str(good / "doc000.txt")]), "doc000.txt.*need >= 2"))
     cases.append((dict(inputs=[str(good)]), "is a directory"))
     (tmp_path / "locked.txt").write_text("no permission")
@@ -331,24 +331,22 @@ def test_broken_prepared_dir_raises_data_error_naming_it(tiny, tmp_path):
 def test_interrupted_prep_leaves_previous_state(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, n_docs=8)
-    real_write = prepare._write_split
+    real_write = prepare.write_splits
 
-    def write_then_die(split_dir, *args):
-        n = real_write(split_dir, *args)
-        if split_dir.name == "val":
-            raise KeyboardInterrupt  # after train and val shards exist, before the manifest
-        return n
+    def write_then_die(*args, **kwargs):
+        real_write(*args, **kwargs)
+        raise KeyboardInterrupt  # after the shards exist, before the manifest
 
-    monkeypatch.setattr(prepare, "_write_split", write_then_die)
+    monkeypatch.setattr(prepare, "write_splits", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         prep_tiny(tmp_path / "data", corpus)
     assert not (tmp_path / "data").exists()
-    assert list((tmp_path / ".data.partial" / "units").glob("*.npz"))  # kept for the next run
+    assert list((tmp_path / ".data.partial" / "units").glob("*/*.npz"))  # kept for the next run
 
-    monkeypatch.setattr(prepare, "_write_split", real_write)
+    monkeypatch.setattr(prepare, "write_splits", real_write)
     first = prep_tiny(tmp_path / "data", corpus)
     assert not (tmp_path / ".data.partial").exists()
-    monkeypatch.setattr(prepare, "_write_split", write_then_die)
+    monkeypatch.setattr(prepare, "write_splits", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         prep_tiny(tmp_path / "data", corpus, seed=1, overwrite=True)
     assert read_manifest(tmp_path / "data") == first  # the old prep is intact
