@@ -297,8 +297,7 @@ def _check_output(out: Path, remote_out: str | None, request: dict[str, Any], ov
         raise DataError(f"{out}: exists, is not empty and holds no {MANIFEST}; refusing to replace "
                         "it without overwrite=True")
     if remote_out is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            store.uploader(Path(tmp), remote_out)
+        store.check_writable(remote_out)
         if not overwrite and store.read_remote_json(f"{remote_out}/{MANIFEST}") is not None:
             raise DataError(f"{remote_out}: already holds a complete prep ({MANIFEST}); pass overwrite=True "
                             "(fwpkm-prep --overwrite) to replace it")

@@ -1,9 +1,11 @@
 """Object-store access for prep: list and fetch remote inputs, check and upload a remote output.
 
-Transfers go through mosaicml-streaming's storage layer (`CloudDownloader` / `CloudUploader`), so every
-scheme it supports works for single files and outputs: s3://, gs://, oci://, azure://, hf://, dbfs:/,
-sftp://. Listing (globs, HF-on-disk prefixes, sizes and ETags) and ranged reads use boto3 and so need
-s3:// (or an S3-compatible store); on other schemes give exact object URLs. Endpoints and credentials
+Shard uploads go through mosaicml-streaming's MDSWriter and its storage layer (`CloudUploader`), and so
+do downloads on schemes other than s3:// (`CloudDownloader`), so every scheme streaming supports works
+for single input files and outputs: s3://, gs://, oci://, azure://, hf://, dbfs:/, sftp://. On s3://
+(or any S3-compatible store) boto3 is used directly for downloads, listing (globs, HF-on-disk
+prefixes, sizes and ETags) and ranged reads, which keeps the scan workers free of the streaming
+import; on other schemes give exact object URLs. Endpoints and credentials
 come from the usual environment, the same variables streaming reads: `S3_ENDPOINT_URL` for an
 S3-compatible store (MinIO, Ceph, R2, a local test server), AWS_* for credentials.
 """
@@ -125,16 +127,19 @@ def fetch(item: RemoteInput, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
-        downloader = import_streaming().base.storage.CloudDownloader
-        if item.is_dir:
-            part.mkdir(exist_ok=True)
+        if urllib.parse.urlparse(item.url).scheme == "s3":
+            client = s3_client()
             bucket, key = _split(item.url)
-            for o in _listing(s3_client(), bucket, key + "/"):
-                name = o["Key"][len(key) + 1:]
-                if "/" not in name:
-                    downloader.direct_download(f"{item.url}/{name}", str(part / name))
+            if item.is_dir:
+                part.mkdir(exist_ok=True)
+                for o in _listing(client, bucket, key + "/"):
+                    name = o["Key"][len(key) + 1:]
+                    if "/" not in name:
+                        client.download_file(bucket, o["Key"], str(part / name))
+            else:
+                client.download_file(bucket, key, str(part))
         else:
-            downloader.direct_download(item.url, str(part))
+            import_streaming().base.storage.CloudDownloader.direct_download(item.url, str(part))
         os.replace(part, dest)
     except Exception as exc:  # each cloud SDK raises its own types
         raise DataError(f"{item.url}: cannot download ({exc})") from None
@@ -156,38 +161,46 @@ def read_head(item: RemoteInput, nbytes: int, dest: Path) -> bool:
     return item.size > len(body)
 
 
-def remote_exists(url: str) -> bool:
-    """Whether the object `url` exists; DataError naming it if the store cannot be asked."""
-    downloader = import_streaming().base.storage.CloudDownloader
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            downloader.direct_download(url, str(Path(tmp, "probe")))
-        except FileNotFoundError:
-            return False
-        except Exception as exc:
-            if "404" in str(exc) or "NoSuchKey" in str(exc) or "Not Found" in str(exc):
-                return False
-            raise DataError(f"{url}: cannot reach the output location ({exc})") from None
-    return True
+def _missing(exc: BaseException) -> bool:
+    """Whether a storage error means "no such object" (each SDK words it differently)."""
+    text = str(exc).lower()
+    return isinstance(exc, FileNotFoundError) or any(k in text for k in ("404", "nosuchkey", "not found"))
 
 
 def read_remote_json(url: str) -> Any:
     """Fetch and parse a small JSON object (a remote manifest); None if it does not exist."""
     import json
 
-    downloader = import_streaming().base.storage.CloudDownloader
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            downloader.direct_download(url, str(Path(tmp, "obj")))
+            fetch(RemoteInput(url, -1, ""), Path(tmp, "obj"))
             return json.loads(Path(tmp, "obj").read_text())
-        except FileNotFoundError:
-            return None
+        except DataError as exc:
+            if _missing(exc):
+                return None
+            raise DataError(f"{url}: cannot reach the output location ({str(exc).split('(', 1)[-1]}") from None
         except ValueError:
             return None
         except Exception as exc:
-            if "404" in str(exc) or "NoSuchKey" in str(exc) or "Not Found" in str(exc):
+            if _missing(exc):
                 return None
             raise DataError(f"{url}: cannot reach the output location ({exc})") from None
+
+
+def check_writable(remote: str) -> None:
+    """The bucket or container of `remote` exists and we may write there; DataError naming it if not."""
+    if urllib.parse.urlparse(remote).scheme == "s3":
+        bucket, key = _split(remote)
+        probe = f"{key.rstrip('/')}/.fwpkm-prep-write-probe".lstrip("/")
+        try:
+            client = s3_client()
+            client.put_object(Bucket=bucket, Key=probe, Body=b"")
+            client.delete_object(Bucket=bucket, Key=probe)
+        except Exception as exc:
+            raise DataError(f"{remote}: output location not writable ({exc})") from None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        uploader(Path(tmp), remote)
 
 
 def uploader(local: Path, remote: str) -> Any:
