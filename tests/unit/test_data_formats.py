@@ -7,8 +7,13 @@ What is checked against what:
 - uint32 + zstd shards and a test split: the same tokens as uint16 uncompressed;
 - each bad input (malformed JSON line, missing text field, unreadable Parquet, empty corpus, a vocab
   that does not fit the dtype, a tokenizer/shards mismatch at training time) against its one-line
-  DataError naming the file (and line), with nothing left behind at the target.
-A new input format or failure mode gets its case here, next to the closest one.
+  DataError naming the file (and line), with nothing left behind at the target;
+- .jsonl.zst and .txt.gz inputs (2 workers, several chunks per compressed file) against the same text
+  plain: identical shards and split documents;
+- an HF tokenizer directory: EOS from its tokenizer_config.json, or --eos-token, against the ids;
+- validation before work: every bad input reported on its own line, argument and tokenizer problems
+  together, nothing started.
+Object-store inputs and outputs are in test_data_s3.py. A new input format or failure mode gets its case here, next to the closest one.
 """
 from __future__ import annotations
 
@@ -19,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from fwpkm_megatron.config import DataConfig
 from fwpkm_megatron.data import DataError, build_loader, load_tokenizer, prepare_corpus, read_manifest
-from fwpkm_megatron.data import layout
+from fwpkm_megatron.data import layout, prepare
 from fwpkm_megatron.data.streaming_compat import import_streaming
 
 SEQ_LEN = 16
@@ -210,3 +216,70 @@ def test_cli_reads_jsonl_with_text_field(tmp_path, capsys):
     assert main(argv[:-4] + ["--text-field", "text", "--overwrite"]) == 2
     assert "d.jsonl:1: no text field 'text'" in capsys.readouterr().err
     assert read_manifest(tmp_path / "data")["source"]["text_field"] == "content"  # the old prep is intact
+
+
+# ---------------------------------------------------------------- compressed inputs, pretrained tokenizers, validation
+
+def test_compressed_inputs_match_plain(tmp_path):
+    import gzip
+
+    import zstandard
+
+    docs = documents(30, seed=7)
+    jsonl = "".join(json.dumps({"text": d}) + "\n" for d in docs[:26]).encode()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "plain" / "a.jsonl").write_bytes(jsonl)
+    (tmp_path / "packed" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+    for i, doc in enumerate(docs[26:]):
+        (tmp_path / "plain" / f"t{i}.txt").write_text(doc)
+        (tmp_path / "packed" / f"t{i}.txt.gz").write_bytes(gzip.compress(doc.encode()))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "UNIT_BYTES", 1500)  # several chunks in the .zst: read forward, in order
+        plain = prep(tmp_path / "p", [str(tmp_path / "plain/*")])
+        packed = prep(tmp_path / "z", [str(tmp_path / "packed/*")], workers=2)
+    assert [f["format"] for f in packed["source"]["file_list"]] == ["jsonl"] + ["text"] * 4
+    assert packed["splits"] == plain["splits"] and packed["source"]["documents"] == 30
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens(tmp_path / "p", split), shard_tokens(tmp_path / "z", split))
+    assert list(layout.split_documents(tmp_path / "z", "val")) == list(layout.split_documents(tmp_path / "p", "val"))
+
+
+def test_hf_tokenizer_dir_and_eos_token_are_used(tmp_path):
+    from tokenizers import AddedToken
+
+    tok = Tokenizer.from_file(str(_small_tokenizer(tmp_path)))
+    tok.add_special_tokens([AddedToken("</s>", special=True)])
+    hf = tmp_path / "hf_tok"
+    hf.mkdir()
+    tok.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    docs = documents(12, seed=8)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    manifest = prep(tmp_path / "a", [str(tmp_path / "d.jsonl")], tokenizer_path=str(hf))
+    assert manifest["eos_token"] == "</s>" and manifest["eos_id"] == tok.token_to_id("</s>")
+    assert_packed(tmp_path / "a", "train", expected_split(docs, tmp_path / "a", "train"))
+    chosen = prep(tmp_path / "b", [str(tmp_path / "d.jsonl")], tokenizer_path=str(hf), eos_token="<|endoftext|>")
+    assert chosen["eos_id"] == tok.token_to_id("<|endoftext|>") != manifest["eos_id"]
+    with pytest.raises(DataError, match=r"hf_tok: has no EOS token '<nope>' \(--eos-token\) in its vocab"):
+        prep(tmp_path / "c", [str(tmp_path / "d.jsonl")], tokenizer_path=str(hf), eos_token="<nope>")
+
+
+def test_validation_reports_every_problem_before_work(tmp_path):
+    good = [json.dumps({"text": d}) for d in documents(8, seed=9)]
+    (tmp_path / "ok.jsonl").write_text("\n".join(good))
+    (tmp_path / "x.jsonl").write_text("\n".join(good[:1] + ["{oops"] + good[1:]))
+    (tmp_path / "y.jsonl").write_text("\n".join([json.dumps({"body": "b"})] + good))
+    with pytest.raises(DataError) as err:
+        prep(tmp_path / "out", [str(tmp_path / "*.jsonl")])
+    assert str(err.value).splitlines()[0].endswith("x.jsonl:2: malformed JSON (Expecting property name "
+                                                   "enclosed in double quotes: line 1 column 2 (char 1))")
+    assert "y.jsonl:1: no text field 'text' (keys: body)" in str(err.value).splitlines()[1]
+    assert not (tmp_path / ".out.partial").exists()  # nothing was started
+    with pytest.raises(DataError) as err:
+        prep(tmp_path / "out", [str(tmp_path / "ok.jsonl")], seq_len=0, tokenizer_path=str(tmp_path / "none.json"))
+    assert str(err.value).splitlines() == ["seq_len=0: must be in [1, 1048576]",
+                                           f"tokenizer {tmp_path / 'none.json'}: no such file or directory"]
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(DataError, match="out: exists and is not a directory"):
+        prep(tmp_path / "out", [str(tmp_path / "ok.jsonl")])
