@@ -56,10 +56,10 @@ def _write_corpus(root: Path, max_bytes: int, n_files: int = 8) -> int:
     """The stdlib selection as n_files zstd JSON Lines files; returns the source bytes."""
     import zstandard
 
-    from fwpkm_megatron.data.prepare import _select, _sources
+    from fwpkm_megatron.data.sources import select_inputs, source_inputs
 
-    _, files = _sources(None, "auto")
-    chosen = _select(files, max_bytes, 0)
+    _, files = source_inputs(None, "auto")
+    chosen = select_inputs(files, max_bytes, 0)
     root.mkdir(parents=True)
     lines = [json.dumps({"text": Path(f.path).read_text(errors="replace")}) + "\n" for f in chosen]
     for i in range(n_files):

@@ -42,11 +42,10 @@ import logging
 import os
 import random
 import shutil
-import sysconfig
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from fwpkm_megatron.data.layout import (ALL_SPLITS, DOCUMENTS, FORMAT, MANIFEST,
                                         UNIT_BYTES)
 from fwpkm_megatron.data.partial import Partial, install, partial_dir, remove_dead_temps
 from fwpkm_megatron.data.readers import DataError
+from fwpkm_megatron.data.sources import Input, select_inputs, source_inputs, stdlib_files
 from fwpkm_megatron.data.units import scan_files, tokenize_units, write_json
 
 log = logging.getLogger(__name__)
@@ -73,104 +73,9 @@ DTYPES = ("uint16", "uint32")
 TOKENIZER_SAMPLE_BYTES = 256_000_000  # default BPE training sample: 256 MB of train text
 MAX_SEQ_LEN = 1 << 20       # a sanity bound: longer samples are a typo, not a context length
 HEAD_RECORDS, HEAD_BYTES = 5, 1 << 20  # validation reads this much of each input before the scan
-_STDLIB_SKIP_DIRS = {"site-packages", "test", "tests", "idle_test"}
 
 
 # ---------------------------------------------------------------- sources
-
-def stdlib_files() -> tuple[Path, list[Path]]:
-    """The running Python's standard-library `*.py` files (no site-packages, no test dirs), sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
-    files = [p for p in root.rglob("*.py")
-             if p.is_file() and not _STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1])]
-    return root, sorted(files)
-
-
-@dataclass(frozen=True)
-class Input:
-    """One input file (or HF directory), local or remote."""
-    path: str                 # absolute local path, or the object URL
-    format: str
-    bytes: int                # -1: a remote object on a scheme that cannot list
-    stamp: str                # mtime_ns (local) or ETag (remote): with path and size, the file's identity
-    remote: store.RemoteInput | None = None
-
-
-def _local_inputs(pattern: str, fmt: str) -> dict[Path, str]:
-    path = Path(pattern).expanduser()
-    if path.is_dir():
-        if fmt not in ("auto", "hf"):
-            raise DataError(f"input {pattern}: is a directory; pass a glob such as '{pattern}/**/*.txt'")
-        return {path.resolve(): readers.detect_format(path)}
-    import glob
-
-    matches = [Path(m) for m in glob.glob(str(path), recursive=True)]
-    files = [m.resolve() for m in matches if m.is_file() or (m.is_dir() and (m / readers.HF_STATE).is_file())]
-    if not files:
-        raise DataError(f"input {pattern}: no files matched")
-    return {file: readers.detect_format(file) if fmt == "auto" else fmt for file in files}
-
-
-def _stat(path: Path) -> tuple[int, str]:
-    try:
-        if path.is_dir():
-            stats = [p.stat() for p in sorted(path.iterdir()) if p.is_file()]
-            return sum(s.st_size for s in stats), ",".join(str(s.st_mtime_ns) for s in stats)
-        st = path.stat()
-        return st.st_size, str(st.st_mtime_ns)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot stat ({exc.strerror})") from None
-
-
-def _match_inputs(inputs: list[str], fmt: str) -> list[Input]:
-    """Expand local paths/globs (`**` recursive) and object URLs/globs into sorted unique inputs."""
-    found: dict[str, Input] = {}
-    for pattern in inputs:
-        if store.is_url(pattern):
-            for item in store.match_remote(pattern):
-                kind = "hf" if item.is_dir else (readers.detect_format(Path(item.url.rsplit("/", 1)[-1]))
-                                                if fmt == "auto" else fmt)
-                found[item.url] = Input(item.url, kind, item.size, item.etag, item)
-            continue
-        for path, kind in _local_inputs(pattern, fmt).items():
-            if kind == "hf" and not (path / readers.HF_STATE).is_file():
-                raise DataError(f"{path}: format hf needs a datasets save_to_disk directory (with {readers.HF_STATE})")
-            found[str(path)] = Input(str(path), kind, *_stat(path))
-    return [found[k] for k in sorted(found)]
-
-
-def _sources(inputs: list[str] | None, fmt: str) -> tuple[dict[str, Any], list[Input]]:
-    """Candidate inputs, plus the manifest's source description."""
-    if inputs is None:
-        root, files = stdlib_files()
-        matched = [Input(str(p), "text", *_stat(p)) for p in files]
-        desc: dict[str, Any] = {"kind": "stdlib", "root": str(root)}
-    else:
-        matched = _match_inputs(list(inputs), fmt)
-        desc = {"kind": "files", "inputs": list(inputs)}
-    if not matched:
-        raise DataError(f"no source files found under {desc.get('root', inputs)}")
-    # cheap identity: paths, formats, sizes (and remote ETags); mtimes only key the partial's caches
-    listing = "".join(f"{i.path}\t{i.format}\t{i.bytes}" + (f"\t{i.stamp}" if i.remote else "") + "\n"
-                      for i in matched).encode()
-    desc["listing_sha256"] = hashlib.sha256(listing).hexdigest()
-    return desc, matched
-
-
-def _select(files: list[Input], max_bytes: int | None, seed: int) -> list[Input]:
-    """Files up to `max_bytes` in total, taken greedily in a seeded order (files that would overflow
-    the cap are skipped, later smaller ones still fit), returned in sorted order."""
-    if max_bytes is None:
-        return files
-    order = list(files)
-    random.Random(f"{seed}/select").shuffle(order)
-    chosen, total = [], 0
-    for item in order:
-        if total + max(item.bytes, 0) <= max_bytes:
-            chosen.append(item)
-            total += max(item.bytes, 0)
-    return sorted(chosen, key=lambda i: i.path)
-
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
@@ -233,7 +138,7 @@ def _request(inputs: list[str] | None, tokenizer_path: str | None, vocab_size: i
             tok_sha = hashlib.sha256(pretrained[0].to_str().encode()).hexdigest()
     if problems:
         raise DataError("\n".join(problems))
-    source, files = _sources(inputs, fmt)
+    source, files = source_inputs(inputs, fmt)
     request = {"listing_sha256": source["listing_sha256"], "tokenizer_sha256": tok_sha,
                "vocab_size": None if tokenizer_path else vocab_size, "seq_len": seq_len,
                "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
@@ -458,11 +363,14 @@ def prepare_corpus(out_dir: str | os.PathLike, *, inputs: list[str] | None = Non
         dtype=dtype, tokenizer_sample_bytes=tokenizer_sample_bytes, eos_token=eos_token,
         skip_bad_records=skip_bad_records, remote_out=remote.rstrip("/") if remote else None)
     _check_output(out, request["remote"], request, overwrite)
-    chosen = _select(files, max_bytes, seed)
+    chosen = select_inputs(files, max_bytes, seed)
     strict = source["kind"] != "stdlib"
     if not skip_bad_records:
         _check_heads(chosen, text_field, strict, workers)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out}: output location not writable ({exc.strerror})") from None
     remove_dead_temps(out)
     partial = Partial(out)
     seconds = {"validate": time.perf_counter() - t0}

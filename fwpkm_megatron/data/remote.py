@@ -206,8 +206,15 @@ def check_writable(remote: str) -> None:
 def uploader(local: Path, remote: str) -> Any:
     """streaming's uploader of files under `local` to `remote` (keeps the local copies); checks the
     bucket or container exists. DataError naming `remote` if the store refuses."""
+    import logging
+
+    quiet = logging.getLogger("streaming.base.storage.upload")  # warns that `local` is not empty: intended
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         return import_streaming().base.storage.CloudUploader.get((str(local), remote), keep_local=True,
                                                                  exist_ok=True)
     except Exception as exc:
         raise DataError(f"{remote}: output location not writable ({exc})") from None
+    finally:
+        quiet.setLevel(level)

@@ -401,3 +401,17 @@ def test_cli_reuses_matching_prep(tmp_path, capsys):
     assert "different request" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "x"), "--input", str(tmp_path / "none*.txt")]) == 2
     assert "no files matched" in capsys.readouterr().err
+
+
+def test_data_config_cache_fields_are_checked():
+    from fwpkm_megatron.config import DataConfig
+
+    assert DataConfig(path="p", remote="s3://b/d", local="/c", cache_limit="50gb").problems() == []
+    assert DataConfig(path="p", remote="s3://b/d", local="/c").cache_dir == "/c"
+    assert DataConfig(path="p", remote="s3://b/d").cache_dir == "p"  # configs from before `local`
+    assert DataConfig(path="p").cache_dir == "p"
+    assert DataConfig(path="p", local="/c", cache_limit="1gb").problems() == [
+        "data.local='/c': is the cache of data.remote; without a remote set data.path",
+        "data.cache_limit='1gb': needs data.remote (a local dataset has no cache)"]
+    assert DataConfig(path="p", remote="s3://b/d", cache_limit="lots").problems() == [
+        "data.cache_limit='lots': must be a size such as '50gb' or '800mb'"]

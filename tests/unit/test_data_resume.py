@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from fwpkm_megatron.config import DataConfig
-from fwpkm_megatron.data import DataError, MixtureSource, build_loader, prepare_corpus, read_manifest
+from fwpkm_megatron.data import DataError, MixtureSource, build_loader, prepare_corpus
 from fwpkm_megatron.data import prepare
 from fwpkm_megatron.data import units as data_units
 from fwpkm_megatron.data.streaming_compat import import_streaming
