@@ -61,7 +61,7 @@ from fwpkm_megatron.data.layout import (ALL_SPLITS, DOCUMENTS, FORMAT, MANIFEST,
 from fwpkm_megatron.data.partial import Partial, install, partial_dir, remove_dead_temps
 from fwpkm_megatron.data.readers import DataError
 from fwpkm_megatron.data.sources import Input, select_inputs, source_inputs, stdlib_files
-from fwpkm_megatron.data.units import scan_files, tokenize_units, write_json
+from fwpkm_megatron.data.units import Progress, scan_files, tokenize_units, write_json
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,7 @@ def _tokenizer(partial: Partial, pretrained: tuple | None, vocab_size: int, samp
             texts, total = [], 0
             order = list(range(len(units)))
             random.Random(f"{seed}/tokenizer-sample").shuffle(order)
+            bar = Progress("tokenizer sample", min(sample_bytes, sum(u["chunk"][4] for u in units)), 0, progress)
             for u in order:  # whole units in a seeded order, train documents only, until the sample is full
                 unit = units[u]
                 docs = readers.read_chunk(Path(unit["local"]), unit["format"], readers.Chunk.from_json(unit["chunk"]),
@@ -295,9 +296,11 @@ def _tokenizer(partial: Partial, pretrained: tuple | None, vocab_size: int, samp
                     if train:
                         texts.append(text)
                         total += len(text)
+                bar.update(unit["chunk"][4], docs=unit["chunk"][3])
                 if total >= sample_bytes:
                     break
-            tok = bpe.train_bpe(texts, vocab_size, progress=progress)
+            bar.close()
+            tok = bpe.train_bpe(texts, vocab_size, progress=progress)  # tokenizers' own bars
         part = path.with_name(f".{path.name}.part")
         tok.save(str(part))
         os.replace(part, path)
