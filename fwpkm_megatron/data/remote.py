@@ -105,7 +105,7 @@ def match_remote(pattern: str) -> list[RemoteInput]:
             elif any(o["Key"] == f"{key}/{HF_STATE}" for o in inside):
                 found = [RemoteInput(f"s3://{bucket}/{key}", sum(o["Size"] for o in inside),
                                      ",".join(o["ETag"].strip('"') for o in inside), is_dir=True)]
-            elif inside:
+            elif any(o["Key"].startswith(key + "/") for o in objects):
                 raise DataError(f"input {pattern}: is a prefix; pass a glob such as '{pattern.rstrip('/')}/*.jsonl.zst' "
                                 f"or a datasets save_to_disk directory (with {HF_STATE})")
             else:

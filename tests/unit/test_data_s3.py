@@ -8,6 +8,8 @@ What is checked against what:
 - a prep SIGKILLed mid-tokenization, rerun: only the missing units are tokenized, result identical;
 - bad remote input: the validation error names the object URL and line before any work, a complete
   remote dataset is refused without overwrite and left intact; --skip-bad-records counts the line;
+- an HF save_to_disk prefix and a plain object on s3://: documents and split_documents (re-read from
+  the store) against the source texts;
 - training streamed from the s3:// dataset through a local cache with a cache limit, stopped at step 3
   and resumed, against an uninterrupted run on the local copy: identical losses, shards evicted, and
   the cache within the limit (plus the one shard a concurrent prefetch may add).
@@ -192,3 +194,29 @@ def test_training_streams_s3_through_cache_limit_and_resumes(uploaded, killed_an
     # streaming counts a shard when its download finishes, so a prefetch running beside the reader can
     # overshoot the limit by one shard; shards were evicted (fewer cached than the split has)
     assert len(cached) < len(index["shards"]) and sum(p.stat().st_size for p in cached) <= (limit // 1024) * 1024 + biggest
+
+
+def test_s3_hf_dir_and_plain_object_match_their_documents(s3, tmp_path):
+    import pyarrow as pa
+
+    from fwpkm_megatron.data import layout
+
+    docs = [json.loads(line)["text"] for line in corpus_lines(24, 4)]
+    table = pa.Table.from_pylist([{"text": d} for d in docs[:16]])
+    names = []
+    for i, (lo, hi) in enumerate([(0, 9), (9, 16)]):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.slice(lo, hi - lo))
+        put(f"hf/ds/data-{i:05d}-of-00002.arrow", sink.getvalue().to_pybytes())
+        names.append({"filename": f"data-{i:05d}-of-00002.arrow"})
+    put("hf/ds/state.json", json.dumps({"_data_files": names}).encode())
+    put("hf/plain/d.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs[16:]).encode())
+    manifest = prepare_corpus(tmp_path / "data", inputs=["s3://fwpkm/hf/ds", "s3://fwpkm/hf/plain/d.jsonl"],
+                              **{**KW, "val_fraction": 0.25})
+    assert [(f["path"], f["format"], f["documents"]) for f in manifest["source"]["file_list"]] == [
+        ("s3://fwpkm/hf/ds", "hf", 16), ("s3://fwpkm/hf/plain/d.jsonl", "jsonl", 8)]
+    held = set(json.loads((tmp_path / "data" / "documents.json").read_text())["held_out"]["val"])
+    assert list(layout.split_documents(tmp_path / "data", "val")) == [d for i, d in enumerate(docs) if i in held]
+    with pytest.raises(DataError, match="s3://fwpkm/hf: is a prefix; pass a glob"):
+        prepare_corpus(tmp_path / "x", inputs=["s3://fwpkm/hf"], **KW)
