@@ -402,7 +402,8 @@ def _prepare(out: Path, partial: Partial, request: dict[str, Any], source: dict[
     text_field, skip_bad, seed = request["text_field"], request["skip_bad_records"], request["seed"]
     jobs = []
     for index, item in enumerate(chosen):
-        key = _key(item.path, item.format, item.bytes, item.stamp, text_field, skip_bad, UNIT_BYTES, strict)
+        # skip mode is not in the key: a file without bad records scans the same either way
+        key = _key(item.path, item.format, item.bytes, item.stamp, text_field, UNIT_BYTES, strict)
         local = (partial.root / "inputs" / key / item.path.rstrip("/").rsplit("/", 1)[-1]) if item.remote else item.path
         jobs.append({"index": index, "path": item.path, "local": str(local), "format": item.format,
                      "bytes": item.bytes, "key": key, "text_field": text_field, "chunk_bytes": UNIT_BYTES,
@@ -410,6 +411,11 @@ def _prepare(out: Path, partial: Partial, request: dict[str, Any], source: dict[
                      "remote": asdict(item.remote) if item.remote else None})
     seconds["scan"] = scan_files(jobs, workers, progress)
     scanned = [json.loads(Path(j["out"]).read_text()) for j in jobs]
+    if not skip_bad:  # a scan reused from a --skip-bad-records run may hold skipped records
+        for f in scanned:
+            for reason, entry in f["bad"].items():
+                raise DataError(f"{entry['first']}: bad record ({reason.replace('_', ' ')}; {entry['count']} in "
+                                "this file); fix it or pass --skip-bad-records")
 
     n_docs = sum(f["documents"] for f in scanned)
     where = source.get("root") or ", ".join(source["inputs"])

@@ -4,7 +4,7 @@ Both stages keep their results in the partial directory under content keys, neve
 so a rerun after a kill, after fixing one bad file, or with other assembly-only options (seq_len,
 packing, compression, remote output) redoes only what is missing:
     scan/<file key>.json                  one input file validated and cut into chunks (file key: path,
-                                          format, size, mtime or ETag, text field, chunk size, skip mode)
+                                          format, size, mtime or ETag, text field, chunk size)
     units/<tokenizer key>/<file key>-<chunk>.npz   the token ids of one chunk's documents, each + EOS
                                           (`tokens`), and their lengths (`lengths`); no split assignment,
                                           which assembly makes from the document ids
@@ -108,7 +108,9 @@ def _scan_file(job: dict[str, Any]) -> tuple[int, int]:
     bad: dict | None = {} if job["skip_bad"] else None
     result = readers.scan_file(local, job["format"], text_field=job["text_field"], chunk_bytes=job["chunk_bytes"],
                                strict=job["strict"], bad=bad)
-    entry = {"path": job["path"], "local": str(local), "format": job["format"], "bytes": job["bytes"],
+    size = job["bytes"] if job["bytes"] >= 0 else (  # a remote object whose scheme cannot list: measure the copy
+        sum(p.stat().st_size for p in local.iterdir() if p.is_file()) if local.is_dir() else local.stat().st_size)
+    entry = {"path": job["path"], "local": str(local), "format": job["format"], "bytes": size,
              "key": job["key"], "sha256": sha256_file(local),
              "documents": sum(c.documents for c in result.chunks),
              "text_bytes": sum(c.text_bytes for c in result.chunks), "empty": result.empty,
