@@ -1,10 +1,11 @@
 """Read documents out of the corpus formats researchers have: text files, JSON Lines, Parquet, and
 Hugging Face datasets saved to disk.
 
-Prep reads every source twice. `scan_file` runs once per file in the main process: it validates every
-record (so a bad line stops prep before anything is written), counts the non-empty documents and cuts
-the file into chunks of about `chunk_bytes` of text at record boundaries. `read_chunk` runs in the
-tokenizer workers and yields exactly the documents `scan_file` counted, in order, for one chunk.
+Prep reads every source twice. `check_head` first validates each input's first records (before any
+work). `scan_file` runs once per file in a scan worker: it validates every record (so a bad line stops
+prep before anything is tokenized), counts the non-empty documents and cuts the file into chunks of
+about `chunk_bytes` of text at record boundaries. `read_chunk` runs in the tokenizer workers and yields
+exactly the documents `scan_file` counted, in order, for one chunk.
 
 A *document* is one non-empty text: a whole text file, one JSON line's `text_field`, one Parquet or
 Arrow row's `text_field` column. Empty strings and nulls are skipped and counted, never tokenized.

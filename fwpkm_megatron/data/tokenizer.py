@@ -1,8 +1,9 @@
-"""Byte-level BPE mechanics: train, find the EOS token, encode many documents fast.
+"""Tokenizer mechanics: train a byte-level BPE, load a pretrained tokenizer (file or Hugging Face
+directory, offline) and its EOS, encode many documents fast.
 
 Byte-level BPE is lossless on any UTF-8 text (no normalizer, every byte has a symbol), which is what
-lets the data tests decode packed samples back to the exact source documents. Validation and errors
-live with the on-disk format in `prepare.py`; this module only does tokenizer work.
+lets the data tests decode packed samples back to the exact source documents. Errors here are plain
+ValueErrors; `prepare.py` turns them into DataErrors naming the tokenizer path.
 """
 from __future__ import annotations
 
