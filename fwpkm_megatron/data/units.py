@@ -98,7 +98,7 @@ def run_pool(fn: Callable[[Any], tuple], jobs: list[Any], workers: int,
 
 # ---------------------------------------------------------------- scan (worker side)
 
-def _scan_file(job: dict[str, Any]) -> tuple[int, int]:
+def _scan_file(job: dict[str, Any]) -> tuple[int, int, int]:
     """Fetch (remote inputs), validate, chunk and checksum one file into scan/<key>.json."""
     from fwpkm_megatron.data import remote
 
@@ -117,7 +117,7 @@ def _scan_file(job: dict[str, Any]) -> tuple[int, int]:
              "undecodable": result.undecodable, "bad": _relabel(bad or {}, str(local), job["path"]),
              "chunks": [c.to_json() for c in result.chunks]}
     write_json(Path(job["out"]), entry)
-    return job["index"], job["bytes"]
+    return job["index"], job["bytes"], entry["documents"]
 
 
 def _relabel(bad: dict, local: str, path: str) -> dict:
@@ -133,7 +133,7 @@ def scan_files(jobs: list[dict[str, Any]], workers: int, show_bar: bool) -> floa
     total = sum(max(j["bytes"], 0) for j in jobs)
     progress = Progress("scan", total, total - sum(max(j["bytes"], 0) for j in todo), show_bar)
     try:
-        run_pool(_scan_file, todo, workers, lambda r: progress.update(max(r[1], 0)))
+        run_pool(_scan_file, todo, workers, lambda r: progress.update(max(r[1], 0), docs=r[2]))
     finally:
         stats = progress.close()
     return stats["seconds"]
