@@ -10,7 +10,8 @@ What is checked against what:
   DataError naming the file (and line), with nothing left behind at the target;
 - .jsonl.zst and .txt.gz inputs (2 workers, several chunks per compressed file) against the same text
   plain: identical shards and split documents;
-- an HF tokenizer directory: EOS from its tokenizer_config.json, or --eos-token, against the ids;
+- an HF tokenizer directory (with tokenizer.json, or slow GPT-2 files converted offline): EOS from its
+  tokenizer_config.json, or --eos-token, against the ids and an independent per-document encode;
 - validation before work: every bad input reported on its own line, argument and tokenizer problems
   together, nothing started.
 Object-store inputs and outputs are in test_data_s3.py. A new input format or failure mode gets its case here, next to the closest one.
@@ -263,6 +264,18 @@ def test_hf_tokenizer_dir_and_eos_token_are_used(tmp_path):
     assert chosen["eos_id"] == tok.token_to_id("<|endoftext|>") != manifest["eos_id"]
     with pytest.raises(DataError, match=r"hf_tok: has no EOS token '<nope>' \(--eos-token\) in its vocab"):
         prep(tmp_path / "c", [str(tmp_path / "d.jsonl")], tokenizer_path=str(hf), eos_token="<nope>")
+
+    slow = tmp_path / "slow_tok"  # no tokenizer.json: GPT-2 style vocab.json + merges.txt, converted offline
+    slow.mkdir()
+    model = json.loads(Tokenizer.from_file(str(_small_tokenizer(tmp_path))).to_str())["model"]
+    (slow / "vocab.json").write_text(json.dumps(model["vocab"]))
+    (slow / "merges.txt").write_text("#version: 0.2\n" + "".join(
+        (m if isinstance(m, str) else " ".join(m)) + "\n" for m in model["merges"]))
+    (slow / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+                                                             "eos_token": "<|endoftext|>"}))
+    converted = prep(tmp_path / "s", [str(tmp_path / "d.jsonl")], tokenizer_path=str(slow))
+    assert converted["eos_token"] == "<|endoftext|>"
+    assert_packed(tmp_path / "s", "train", expected_split(docs, tmp_path / "s", "train"))
 
 
 def test_validation_reports_every_problem_before_work(tmp_path):
