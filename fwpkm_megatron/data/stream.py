@@ -439,20 +439,38 @@ class TokenStream:
         if self._dataset is None:
             return
         self._stop_epoch()
-        shared = _shared_memory_of(self._dataset)
+        shared = shared_memory_of(self._dataset)
         self._iter = self._loader = self._dataset = None
-        gc.collect()  # the dataset's numpy views must die before their buffers can close
-        for shm in shared:
-            # streaming keeps every segment open until exit (an atexit hook per segment): one open
-            # file per segment per stream, which a process building many streams runs out of.
-            atexit.unregister(shm.cleanup)
-            try:
-                shm.cleanup()
-            except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
-                atexit.register(shm.cleanup)
+        release_shared_memory(shared)
 
 
-def _shared_memory_of(dataset) -> list:
+def stored_samples(split_dir: str | os.PathLike) -> np.ndarray:
+    """Every sample of a prepared split directory in storage order, [S, sample_len] (no shuffle, no
+    loader), with the dataset's shared memory released afterwards."""
+    ds = import_streaming().StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)
+    rows = np.stack([ds[i]["tokens"] for i in range(ds.num_samples)])
+    shared = shared_memory_of(ds)
+    del ds
+    release_shared_memory(shared)
+    return rows
+
+
+def release_shared_memory(shared: list) -> None:
+    """Close segments from shared_memory_of(dataset) once the caller dropped the dataset.
+
+    streaming keeps every segment open until exit (an atexit hook per segment): one open file per
+    segment per dataset, which a process building many datasets (a test session) runs out of.
+    """
+    gc.collect()  # the dataset's numpy views must die before their buffers can close
+    for shm in shared:
+        atexit.unregister(shm.cleanup)
+        try:
+            shm.cleanup()
+        except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
+            atexit.register(shm.cleanup)
+
+
+def shared_memory_of(dataset) -> list:
     """The streaming SharedMemory segments a StreamingDataset holds, directly or in its shared arrays/barriers."""
     from streaming.base.shared.memory import SharedMemory
 

@@ -29,7 +29,7 @@ from fwpkm_megatron.config import DataConfig
 from fwpkm_megatron.data import (DataError, build_loader, existing_prep, load_tokenizer, prepare_corpus,
                                  read_manifest)
 from fwpkm_megatron.data import layout, prepare, stream
-from fwpkm_megatron.data.streaming_compat import import_streaming
+from fwpkm_megatron.data.stream import stored_samples
 from fwpkm_megatron.data.tokenizer import EOS_TOKEN
 
 SEQ_LEN = 16
@@ -69,8 +69,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def shard_tokens(data: Path, split: str) -> np.ndarray:
     """All samples of a split in storage order, [S, seq_len + 1], read without shuffling."""
-    ds = import_streaming().StreamingDataset(local=str(data / split), shuffle=False, batch_size=1)
-    return np.stack([ds[i]["tokens"] for i in range(ds.num_samples)])
+    return stored_samples(data / split)
 
 
 def split_documents(data: Path, split: str) -> list[str]:

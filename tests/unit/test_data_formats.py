@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from fwpkm_megatron.config import DataConfig
 from fwpkm_megatron.data import DataError, build_loader, load_tokenizer, prepare_corpus, read_manifest
 from fwpkm_megatron.data import layout, prepare
-from fwpkm_megatron.data.streaming_compat import import_streaming
+from fwpkm_megatron.data.stream import stored_samples
 
 SEQ_LEN = 16
 WORDS = ["alpha", "beta", "γάμμα", "中文", "eta🙂", "def", "return", "\n", "\t", "(", ")", "x", "0", "1"]
@@ -49,8 +49,7 @@ def expected_split(docs: list[str], data: Path, split: str) -> list[str]:
 
 
 def shard_tokens(data: Path, split: str) -> np.ndarray:
-    ds = import_streaming().StreamingDataset(local=str(data / split), shuffle=False, batch_size=1)
-    return np.stack([ds[i]["tokens"] for i in range(ds.num_samples)])
+    return stored_samples(data / split)
 
 
 def assert_packed(data: Path, split: str, docs: list[str]) -> None:

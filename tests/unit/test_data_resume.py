@@ -33,7 +33,7 @@ from fwpkm_megatron.config import DataConfig
 from fwpkm_megatron.data import DataError, MixtureSource, build_loader, prepare_corpus
 from fwpkm_megatron.data import prepare
 from fwpkm_megatron.data import units as data_units
-from fwpkm_megatron.data.streaming_compat import import_streaming
+from fwpkm_megatron.data.stream import stored_samples
 
 SEQ_LEN = 16
 UNIT = 3000  # bytes of text per work unit: the corpora below make 8-12 units
@@ -205,8 +205,7 @@ def test_mixture_matches_weights_and_resumes(two_sets):
     cfg = DataConfig(path="unused")
     mixture = [MixtureSource(str(two_sets / "A"), weight=3.0), MixtureSource(str(two_sets / "B"), weight=1.0)]
     def ids(split_dir):
-        ds = import_streaming().StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)
-        return {tuple(ds[i]["tokens"].tolist()) for i in range(ds.num_samples)}
+        return {tuple(r) for r in stored_samples(split_dir).tolist()}
     a, b = ids(two_sets / "A/train"), ids(two_sets / "B/train")
     kw = dict(batch_size=4, seq_len=SEQ_LEN, seed=2, mixture=mixture)
     with build_loader(cfg, "train", **kw) as s:
