@@ -459,6 +459,7 @@ def _prepare(out: Path, partial: Partial, request: dict[str, Any], source: dict[
     stats = tokenize_units(units, tokenizer=tok_path, eos_id=eos_id, dtype=token_type, units_dir=units_dir,
                            text_field=text_field, skip_bad=skip_bad, unit_bytes=UNIT_BYTES, workers=workers,
                            show_bar=progress)
+    readers.close_cursors()  # the tokenizer sample or a one-worker tokenization may hold one open
     seconds["tokenize"] = stats["seconds"]
     log.info("tokenized %d units: %.0f docs/s, %.0f tok/s (%d workers)", len(units), stats["docs_per_s"],
              stats["tokens_per_s"], workers)

@@ -258,6 +258,13 @@ class _Cursor:
 _cursors: dict[str, _Cursor] = {}  # per process: the last compressed file read and where it stands
 
 
+def close_cursors() -> None:
+    """Close this process's decompressing cursor (prep calls it when its reading is done)."""
+    for cursor in _cursors.values():
+        cursor.file.close()
+    _cursors.clear()
+
+
 def _chunk_bytes(path: Path, chunk: Chunk) -> bytes:
     if not compression_of(path):
         with open(path, "rb") as f:
