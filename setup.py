@@ -24,13 +24,15 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "pyarrow>=14",  # Parquet and Hugging Face on-disk inputs to fwpkm-prep
+        "zstandard>=0.22",  # .zst inputs to fwpkm-prep (streamed decompression)
+        "boto3>=1.28",  # s3:// inputs and outputs of fwpkm-prep (listing, ranged reads, downloads)
         "numpy",
     ],
     # transformers (export / lm-eval) is installed in a second step: mosaicml-streaming 0.13 declares
     # transformers<5 but runs with 5.x; see the Makefile and docs/evaluation.md. The exported model's
     # code runs on transformers 4.57 and 5.x (export/hf/configuration_fwpkm.py: TRANSFORMERS_RANGE).
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "moto[server]>=5.1"],  # moto: a local S3 endpoint for the data tests
         "eval": ["transformers>=4.57,<6", "lm-eval[hf]>=0.4.13", "matplotlib>=3.8"],
     },
     entry_points={

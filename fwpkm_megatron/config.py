@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -181,14 +182,29 @@ def _table_problems(cfg, prefix: str) -> list[str]:
 @dataclass(kw_only=True)
 class DataConfig:
     path: str = "data/stdlib"      # local directory written by fwpkm-prep (holds train/, val/, tokenizer.json)
-    remote: str | None = None      # optional remote root (s3://, gs://, ...) mirrored into `path`
+    remote: str | None = None      # optional remote root (s3://, gs://, ...) the dataset is streamed from
+    local: str | None = None       # with remote: the local cache directory; None = `path` (older configs)
+    cache_limit: str | None = None  # with remote: cap on the cache of each split's stream ("50gb", "800mb");
+                                    # least-recently-used shards are evicted; None = unbounded
     shuffle: bool = True
     num_workers: int = 0
     num_canonical_nodes: int | None = None  # fixes the sample order whatever the GPU count; None = 8
     mixture: list[dict] = field(default_factory=list)  # [{path, remote, weight}]; empty = the one dataset at path
 
+    @property
+    def cache_dir(self) -> str:
+        """Where the dataset is read from locally: `local` when streaming from a remote, else `path`."""
+        return self.local if self.remote is not None and self.local is not None else self.path
+
     def problems(self) -> list[str]:
         p = [] if self.num_workers >= 0 else [f"data.num_workers={self.num_workers}: must be >= 0"]
+        if self.local is not None and self.remote is None:
+            p.append(f"data.local={self.local!r}: is the cache of data.remote; without a remote set data.path")
+        if self.cache_limit is not None:
+            if self.remote is None:
+                p.append(f"data.cache_limit={self.cache_limit!r}: needs data.remote (a local dataset has no cache)")
+            elif not re.fullmatch(r"\d+(\.\d+)?\s*([kmgt]b)?", str(self.cache_limit).strip().lower()):
+                p.append(f"data.cache_limit={self.cache_limit!r}: must be a size such as '50gb' or '800mb'")
         if self.num_canonical_nodes is not None and self.num_canonical_nodes < 1:
             p.append(f"data.num_canonical_nodes={self.num_canonical_nodes}: must be >= 1")
         for i, member in enumerate(self.mixture):

@@ -4,11 +4,14 @@ NIAH evaluation set from a prepared corpus (fwpkm_megatron/data/niah.py).
     fwpkm-prep --out data/stdlib --max-mb 8                  # the running Python's stdlib, 8 MB of it
     fwpkm-prep --out data/web --input 'corpus/*.jsonl' --text-field text --tokenizer tokenizer.json \\
                --seq-len 2048 --workers 16 --compression zstd
+    fwpkm-prep --out /nvme/web --remote s3://bucket/datasets/web --input 's3://bucket/corpus/*.jsonl.zst' \\
+               --tokenizer path/to/hf_tokenizer_dir --eos-token '</s>' --workers 32
     fwpkm-prep niah --data data/web --out eval/niah.jsonl --lengths 4096 8192 --per-length 20
 
 Rerunning with the same arguments on a complete prep reuses it (exit 0); a different request needs
 --overwrite. A killed prep resumes where it stopped when rerun with the same arguments. Data errors
-print one line to stderr and exit 2.
+print one line per problem to stderr (naming the file, line or row, and the rule) and exit 2; finished
+work is kept for the rerun.
 """
 from __future__ import annotations
 
@@ -23,12 +26,18 @@ from fwpkm_megatron.data import DataError, existing_prep, prepare_corpus
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fwpkm-prep", description=__doc__.split("\n")[0],
                                 epilog="fwpkm-prep niah --help: the NIAH generator")
-    p.add_argument("--out", required=True, help="directory to write (DataConfig path)")
+    p.add_argument("--out", required=True, help="local directory to write (DataConfig path, or data.local)")
+    p.add_argument("--remote", help="also upload the prepared directory here (s3://bucket/prefix, gs://...; "
+                                    "DataConfig data.remote)")
     p.add_argument("--input", action="extend", nargs="+", metavar="PATH_OR_GLOB",
-                   help="text files, JSONL, Parquet or save_to_disk dirs, or globs (default: the Python stdlib)")
+                   help="text files, JSONL (.gz/.zst too), Parquet or save_to_disk dirs; local globs or object "
+                        "URLs, s3:// globs (default: the Python stdlib)")
     p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "hf"])
     p.add_argument("--text-field", default="text", help="JSON key / column holding the text")
-    p.add_argument("--tokenizer", help="use this tokenizer.json (must have an EOS token) instead of training")
+    p.add_argument("--tokenizer", help="a pretrained tokenizer.json or Hugging Face tokenizer directory "
+                                       "(offline) instead of training one")
+    p.add_argument("--eos-token", help="the pretrained tokenizer's EOS (default: its tokenizer_config.json, "
+                                       "else <|endoftext|>, </s>, <eos>, ...)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer-sample-mb", type=float, default=256.0,
                    help="train text the BPE is trained on, MB (10^6 bytes)")
@@ -41,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mb", type=float, help="cap on source files in MB (10^6 bytes), for quick demos")
     p.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype (default: by vocab size)")
     p.add_argument("--compression", choices=["zstd", "gz", "bz2", "br", "snappy"], help="shard compression")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--workers", type=int, default=1, help="processes for the scan and tokenization")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="skip and count malformed or text-less JSON lines and non-UTF-8 files instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prep at --out")
     return p
 
@@ -66,6 +77,13 @@ def _summary(manifest: dict) -> str:
              f"{manifest['eos_id']}, seq_len {manifest['seq_len']}"]
     for name, s in splits.items():
         lines.append(f"  {name:<8} {s['documents']} docs, {s['tokens']:,} tokens, {s['samples']:,} samples")
+    report = manifest.get("report")
+    if report:
+        skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items() if v) or "none"
+        lines.append(f"  skipped  {skipped}")
+        lines.append("  seconds  " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
+    if manifest.get("remote"):
+        lines.append(f"  remote   {manifest['remote']}")
     return "\n".join(lines)
 
 
@@ -94,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                   max_bytes=None if args.max_mb is None else int(args.max_mb * 1e6), fmt=args.format,
                   text_field=args.text_field, test_fraction=args.test_fraction, packing=args.packing,
                   compression=args.compression, dtype=args.dtype,
-                  tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 1e6))
+                  tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 1e6), eos_token=args.eos_token,
+                  skip_bad_records=args.skip_bad_records, remote=args.remote)
     start = time.perf_counter()
     try:
         manifest = None if args.overwrite else existing_prep(args.out, **kwargs)
@@ -104,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepare_corpus(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty(),
                                   workers=args.workers, **kwargs)
     except DataError as exc:
-        print(f"fwpkm-prep: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # one line per problem
+            print(f"fwpkm-prep: error: {line}", file=sys.stderr)
         return 2
     print(f"fwpkm-prep: wrote {args.out} in {time.perf_counter() - start:.1f}s\n{_summary(manifest)}")
     return 0

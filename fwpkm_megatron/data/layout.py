@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,22 +50,31 @@ def split_documents(data_path: str | os.PathLike, split: str) -> Iterator[str]:
     Raises:
         DataError: a source file is gone or no longer matches its manifest checksum.
     """
+    from fwpkm_megatron.data import remote
+
     manifest = parse_manifest(data_path)
     documents = json.loads((Path(data_path) / DOCUMENTS).read_text())
     held = {s: set(ids) for s, ids in documents["held_out"].items()}
     text_field = manifest["source"]["text_field"]
+    skip_bad = bool(manifest.get("request", {}).get("skip_bad_records"))
     doc_id = 0
-    for file in manifest["source"]["file_list"]:
-        if sha256_file(Path(file["path"])) != file["sha256"]:
-            raise DataError(f"{file['path']}: changed since the prep at {data_path} (sha256 differs)")
-        scan = readers.scan_file(Path(file["path"]), file["format"], text_field=text_field,
-                                 chunk_bytes=UNIT_BYTES, strict=False)
-        for chunk in scan.chunks:
-            for text in readers.read_chunk(Path(file["path"]), file["format"], chunk, text_field=text_field):
-                in_split = next((s for s, ids in held.items() if doc_id in ids), "train")
-                if in_split == split:
-                    yield text
-                doc_id += 1
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in manifest["source"]["file_list"]:
+            path = Path(file["path"])
+            if remote.is_url(file["path"]):  # a remote input: read a fresh copy
+                path = remote.fetch(remote.RemoteInput(file["path"], -1, "", is_dir=file["format"] == "hf"),
+                                    Path(tmp, str(doc_id), file["path"].rsplit("/", 1)[-1]))
+            if sha256_file(path) != file["sha256"]:
+                raise DataError(f"{file['path']}: changed since the prep at {data_path} (sha256 differs)")
+            bad = {} if skip_bad else None
+            scan = readers.scan_file(path, file["format"], text_field=text_field, chunk_bytes=UNIT_BYTES,
+                                     strict=False, bad=bad)
+            for chunk in scan.chunks:
+                for text in readers.read_chunk(path, file["format"], chunk, text_field=text_field, skip_bad=skip_bad):
+                    in_split = next((s for s, ids in held.items() if doc_id in ids), "train")
+                    if in_split == split:
+                        yield text
+                    doc_id += 1
 
 
 # ---------------------------------------------------------------- reading a prepared directory

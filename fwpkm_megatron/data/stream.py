@@ -256,7 +256,7 @@ class TokenStream:
         if batch_size < 1 or seq_len < 1 or seed < 0:
             raise DataError(f"batch_size={batch_size}, seq_len={seq_len}, seed={seed}: need batch_size >= 1, "
                             "seq_len >= 1, seed >= 0")
-        sources = list(mixture) if mixture else [MixtureSource(data_cfg.path, data_cfg.remote, 1.0)]
+        sources = list(mixture) if mixture else [MixtureSource(data_cfg.cache_dir, data_cfg.remote, 1.0)]
         ncn = num_canonical_nodes or DEFAULT_CANONICAL_NODES
         if ncn < 1:
             raise DataError(f"num_canonical_nodes={ncn}: must be >= 1")
@@ -316,11 +316,16 @@ class TokenStream:
             num_canonical_nodes=self.num_canonical_nodes, partition_algo="orig", shuffle_algo="py1e",
             predownload=8 * self.batch_size,  # streaming's defaults, spelled out (it logs when guessing)
             shuffle_block_size=max(4_000_000 // self.num_canonical_nodes, 1 << 18),
-            replication=self.replication if self.replication > 1 else None)
+            replication=self.replication if self.replication > 1 else None,
+            cache_limit=self.cfg.cache_limit if any(remote for _, remote, _, _ in self._streams) else None)
         for attempt in range(_PREFIX_RETRIES):
             try:
                 self._dataset = streaming.StreamingDataset(**kwargs)
                 break
+            except ValueError as exc:
+                if "cache" in str(exc).lower() and kwargs["cache_limit"] is not None:
+                    raise DataError(f"data.cache_limit={self.cfg.cache_limit!r} for {self._local}: {exc}") from None
+                raise
             except FileExistsError:
                 # Another job on this machine registered the same shm prefix between streaming's
                 # scan and its create (the choice is not atomic). Only a lone process may retry:
@@ -434,20 +439,38 @@ class TokenStream:
         if self._dataset is None:
             return
         self._stop_epoch()
-        shared = _shared_memory_of(self._dataset)
+        shared = shared_memory_of(self._dataset)
         self._iter = self._loader = self._dataset = None
-        gc.collect()  # the dataset's numpy views must die before their buffers can close
-        for shm in shared:
-            # streaming keeps every segment open until exit (an atexit hook per segment): one open
-            # file per segment per stream, which a process building many streams runs out of.
-            atexit.unregister(shm.cleanup)
-            try:
-                shm.cleanup()
-            except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
-                atexit.register(shm.cleanup)
+        release_shared_memory(shared)
 
 
-def _shared_memory_of(dataset) -> list:
+def stored_samples(split_dir: str | os.PathLike) -> np.ndarray:
+    """Every sample of a prepared split directory in storage order, [S, sample_len] (no shuffle, no
+    loader), with the dataset's shared memory released afterwards."""
+    ds = import_streaming().StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)
+    rows = np.stack([ds[i]["tokens"] for i in range(ds.num_samples)])
+    shared = shared_memory_of(ds)
+    del ds
+    release_shared_memory(shared)
+    return rows
+
+
+def release_shared_memory(shared: list) -> None:
+    """Close segments from shared_memory_of(dataset) once the caller dropped the dataset.
+
+    streaming keeps every segment open until exit (an atexit hook per segment): one open file per
+    segment per dataset, which a process building many datasets (a test session) runs out of.
+    """
+    gc.collect()  # the dataset's numpy views must die before their buffers can close
+    for shm in shared:
+        atexit.unregister(shm.cleanup)
+        try:
+            shm.cleanup()
+        except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
+            atexit.register(shm.cleanup)
+
+
+def shared_memory_of(dataset) -> list:
     """The streaming SharedMemory segments a StreamingDataset holds, directly or in its shared arrays/barriers."""
     from streaming.base.shared.memory import SharedMemory
 
@@ -469,7 +492,8 @@ def _shared_memory_of(dataset) -> list:
 def build_loader(data_cfg: DataConfig, split: str, *, batch_size: int, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, mixture: Sequence[MixtureSource] | None = None,
                  num_canonical_nodes: int | None = None) -> TokenStream:
-    """A TokenStream over `data_cfg.path/split` (mirrored from `data_cfg.remote/split` if set), or over
+    """A TokenStream over `data_cfg.path/split`, or streamed from `data_cfg.remote/split` through the
+    local cache `data_cfg.local` (default: `path`) of at most `data_cfg.cache_limit` per stream, or over
     a weighted mixture of prepared directories.
 
     Args:

@@ -29,7 +29,7 @@ from fwpkm_megatron.config import DataConfig
 from fwpkm_megatron.data import (DataError, build_loader, existing_prep, load_tokenizer, prepare_corpus,
                                  read_manifest)
 from fwpkm_megatron.data import layout, prepare, stream
-from fwpkm_megatron.data.streaming_compat import import_streaming
+from fwpkm_megatron.data.stream import stored_samples
 from fwpkm_megatron.data.tokenizer import EOS_TOKEN
 
 SEQ_LEN = 16
@@ -69,8 +69,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def shard_tokens(data: Path, split: str) -> np.ndarray:
     """All samples of a split in storage order, [S, seq_len + 1], read without shuffling."""
-    ds = import_streaming().StreamingDataset(local=str(data / split), shuffle=False, batch_size=1)
-    return np.stack([ds[i]["tokens"] for i in range(ds.num_samples)])
+    return stored_samples(data / split)
 
 
 def split_documents(data: Path, split: str) -> list[str]:
@@ -289,7 +288,7 @@ def test_each_bad_input_raises_data_error_naming_it(tmp_path, monkeypatch):
     (tmp_path / "garbage.json").write_text("{not json")
     cases.append((dict(inputs=[str(good / "*.txt")], tokenizer_path=str(tmp_path / "garbage.json")),
                   "garbage.json: cannot load"))
-    cases.append((dict(inputs=[str(good / "*.txt")], seq_len=100_000), "train split: .* fewer than one sample"))
+    cases.append((dict(inputs=[str(good / "*.txt")], seq_len=100_000), "seq_len=100000: the corpus holds at most .* fewer than one sample"))
     cases.append((dict(inputs=[str(good / "doc000.txt")]), "doc000.txt.*need >= 2"))
     cases.append((dict(inputs=[str(good)]), "is a directory"))
     (tmp_path / "locked.txt").write_text("no permission")
@@ -331,24 +330,22 @@ def test_broken_prepared_dir_raises_data_error_naming_it(tiny, tmp_path):
 def test_interrupted_prep_leaves_previous_state(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, n_docs=8)
-    real_write = prepare._write_split
+    real_write = prepare.write_splits
 
-    def write_then_die(split_dir, *args):
-        n = real_write(split_dir, *args)
-        if split_dir.name == "val":
-            raise KeyboardInterrupt  # after train and val shards exist, before the manifest
-        return n
+    def write_then_die(*args, **kwargs):
+        real_write(*args, **kwargs)
+        raise KeyboardInterrupt  # after the shards exist, before the manifest
 
-    monkeypatch.setattr(prepare, "_write_split", write_then_die)
+    monkeypatch.setattr(prepare, "write_splits", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         prep_tiny(tmp_path / "data", corpus)
     assert not (tmp_path / "data").exists()
-    assert list((tmp_path / ".data.partial" / "units").glob("*.npz"))  # kept for the next run
+    assert list((tmp_path / ".data.partial" / "units").glob("*/*.npz"))  # kept for the next run
 
-    monkeypatch.setattr(prepare, "_write_split", real_write)
+    monkeypatch.setattr(prepare, "write_splits", real_write)
     first = prep_tiny(tmp_path / "data", corpus)
     assert not (tmp_path / ".data.partial").exists()
-    monkeypatch.setattr(prepare, "_write_split", write_then_die)
+    monkeypatch.setattr(prepare, "write_splits", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         prep_tiny(tmp_path / "data", corpus, seed=1, overwrite=True)
     assert read_manifest(tmp_path / "data") == first  # the old prep is intact
@@ -403,3 +400,17 @@ def test_cli_reuses_matching_prep(tmp_path, capsys):
     assert "different request" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "x"), "--input", str(tmp_path / "none*.txt")]) == 2
     assert "no files matched" in capsys.readouterr().err
+
+
+def test_data_config_cache_fields_are_checked():
+    from fwpkm_megatron.config import DataConfig
+
+    assert DataConfig(path="p", remote="s3://b/d", local="/c", cache_limit="50gb").problems() == []
+    assert DataConfig(path="p", remote="s3://b/d", local="/c").cache_dir == "/c"
+    assert DataConfig(path="p", remote="s3://b/d").cache_dir == "p"  # configs from before `local`
+    assert DataConfig(path="p").cache_dir == "p"
+    assert DataConfig(path="p", local="/c", cache_limit="1gb").problems() == [
+        "data.local='/c': is the cache of data.remote; without a remote set data.path",
+        "data.cache_limit='1gb': needs data.remote (a local dataset has no cache)"]
+    assert DataConfig(path="p", remote="s3://b/d", cache_limit="lots").problems() == [
+        "data.cache_limit='lots': must be a size such as '50gb' or '800mb'"]

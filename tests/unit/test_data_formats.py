@@ -7,8 +7,14 @@ What is checked against what:
 - uint32 + zstd shards and a test split: the same tokens as uint16 uncompressed;
 - each bad input (malformed JSON line, missing text field, unreadable Parquet, empty corpus, a vocab
   that does not fit the dtype, a tokenizer/shards mismatch at training time) against its one-line
-  DataError naming the file (and line), with nothing left behind at the target.
-A new input format or failure mode gets its case here, next to the closest one.
+  DataError naming the file (and line), with nothing left behind at the target;
+- .jsonl.zst and .txt.gz inputs (2 workers, several chunks per compressed file) against the same text
+  plain: identical shards and split documents;
+- an HF tokenizer directory (with tokenizer.json, or slow GPT-2 files converted offline): EOS from its
+  tokenizer_config.json, or --eos-token, against the ids and an independent per-document encode;
+- validation before work: every bad input reported on its own line, argument and tokenizer problems
+  together, nothing started.
+Object-store inputs and outputs are in test_data_s3.py. A new input format or failure mode gets its case here, next to the closest one.
 """
 from __future__ import annotations
 
@@ -19,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from fwpkm_megatron.config import DataConfig
 from fwpkm_megatron.data import DataError, build_loader, load_tokenizer, prepare_corpus, read_manifest
-from fwpkm_megatron.data import layout
-from fwpkm_megatron.data.streaming_compat import import_streaming
+from fwpkm_megatron.data import layout, prepare
+from fwpkm_megatron.data.stream import stored_samples
 
 SEQ_LEN = 16
 WORDS = ["alpha", "beta", "γάμμα", "中文", "eta🙂", "def", "return", "\n", "\t", "(", ")", "x", "0", "1"]
@@ -42,8 +49,7 @@ def expected_split(docs: list[str], data: Path, split: str) -> list[str]:
 
 
 def shard_tokens(data: Path, split: str) -> np.ndarray:
-    ds = import_streaming().StreamingDataset(local=str(data / split), shuffle=False, batch_size=1)
-    return np.stack([ds[i]["tokens"] for i in range(ds.num_samples)])
+    return stored_samples(data / split)
 
 
 def assert_packed(data: Path, split: str, docs: list[str]) -> None:
@@ -179,7 +185,8 @@ def test_each_bad_input_names_file_and_line(tmp_path):
     for inputs, kwargs, message in cases:
         with pytest.raises(DataError, match=message):
             prep(tmp_path / "out", inputs, **kwargs)
-        assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists(), message
+        assert not (tmp_path / "out").exists(), message  # the partial keeps only finished, valid work
+        assert not (tmp_path / ".out.partial" / "final").exists(), message
 
 
 def _small_tokenizer(tmp_path: Path) -> Path:
@@ -209,3 +216,82 @@ def test_cli_reads_jsonl_with_text_field(tmp_path, capsys):
     assert main(argv[:-4] + ["--text-field", "text", "--overwrite"]) == 2
     assert "d.jsonl:1: no text field 'text'" in capsys.readouterr().err
     assert read_manifest(tmp_path / "data")["source"]["text_field"] == "content"  # the old prep is intact
+
+
+# ---------------------------------------------------------------- compressed inputs, pretrained tokenizers, validation
+
+def test_compressed_inputs_match_plain(tmp_path):
+    import gzip
+
+    import zstandard
+
+    docs = documents(30, seed=7)
+    jsonl = "".join(json.dumps({"text": d}) + "\n" for d in docs[:26]).encode()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "plain" / "a.jsonl").write_bytes(jsonl)
+    (tmp_path / "packed" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+    for i, doc in enumerate(docs[26:]):
+        (tmp_path / "plain" / f"t{i}.txt").write_text(doc)
+        (tmp_path / "packed" / f"t{i}.txt.gz").write_bytes(gzip.compress(doc.encode()))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "UNIT_BYTES", 1500)  # several chunks in the .zst: read forward, in order
+        plain = prep(tmp_path / "p", [str(tmp_path / "plain/*")])
+        packed = prep(tmp_path / "z", [str(tmp_path / "packed/*")], workers=2)
+    assert [f["format"] for f in packed["source"]["file_list"]] == ["jsonl"] + ["text"] * 4
+    assert packed["splits"] == plain["splits"] and packed["source"]["documents"] == 30
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens(tmp_path / "p", split), shard_tokens(tmp_path / "z", split))
+    assert list(layout.split_documents(tmp_path / "z", "val")) == list(layout.split_documents(tmp_path / "p", "val"))
+
+
+def test_hf_tokenizer_dir_and_eos_token_are_used(tmp_path):
+    from tokenizers import AddedToken
+
+    tok = Tokenizer.from_file(str(_small_tokenizer(tmp_path)))
+    tok.add_special_tokens([AddedToken("</s>", special=True)])
+    hf = tmp_path / "hf_tok"
+    hf.mkdir()
+    tok.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    docs = documents(12, seed=8)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    manifest = prep(tmp_path / "a", [str(tmp_path / "d.jsonl")], tokenizer_path=str(hf))
+    assert manifest["eos_token"] == "</s>" and manifest["eos_id"] == tok.token_to_id("</s>")
+    assert_packed(tmp_path / "a", "train", expected_split(docs, tmp_path / "a", "train"))
+    chosen = prep(tmp_path / "b", [str(tmp_path / "d.jsonl")], tokenizer_path=str(hf), eos_token="<|endoftext|>")
+    assert chosen["eos_id"] == tok.token_to_id("<|endoftext|>") != manifest["eos_id"]
+    with pytest.raises(DataError, match=r"hf_tok: has no EOS token '<nope>' \(--eos-token\) in its vocab"):
+        prep(tmp_path / "c", [str(tmp_path / "d.jsonl")], tokenizer_path=str(hf), eos_token="<nope>")
+
+    slow = tmp_path / "slow_tok"  # no tokenizer.json: GPT-2 style vocab.json + merges.txt, converted offline
+    slow.mkdir()
+    model = json.loads(Tokenizer.from_file(str(_small_tokenizer(tmp_path))).to_str())["model"]
+    (slow / "vocab.json").write_text(json.dumps(model["vocab"]))
+    (slow / "merges.txt").write_text("#version: 0.2\n" + "".join(
+        (m if isinstance(m, str) else " ".join(m)) + "\n" for m in model["merges"]))
+    (slow / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+                                                             "eos_token": "<|endoftext|>"}))
+    converted = prep(tmp_path / "s", [str(tmp_path / "d.jsonl")], tokenizer_path=str(slow))
+    assert converted["eos_token"] == "<|endoftext|>"
+    assert_packed(tmp_path / "s", "train", expected_split(docs, tmp_path / "s", "train"))
+
+
+def test_validation_reports_every_problem_before_work(tmp_path):
+    good = [json.dumps({"text": d}) for d in documents(8, seed=9)]
+    (tmp_path / "ok.jsonl").write_text("\n".join(good))
+    (tmp_path / "x.jsonl").write_text("\n".join(good[:1] + ["{oops"] + good[1:]))
+    (tmp_path / "y.jsonl").write_text("\n".join([json.dumps({"body": "b"})] + good))
+    with pytest.raises(DataError) as err:
+        prep(tmp_path / "out", [str(tmp_path / "*.jsonl")])
+    assert str(err.value).splitlines()[0].endswith("x.jsonl:2: malformed JSON (Expecting property name "
+                                                   "enclosed in double quotes: line 1 column 2 (char 1))")
+    assert "y.jsonl:1: no text field 'text' (keys: body)" in str(err.value).splitlines()[1]
+    assert not (tmp_path / ".out.partial").exists()  # nothing was started
+    with pytest.raises(DataError) as err:
+        prep(tmp_path / "out", [str(tmp_path / "ok.jsonl")], seq_len=0, tokenizer_path=str(tmp_path / "none.json"))
+    assert str(err.value).splitlines() == ["seq_len=0: must be in [1, 1048576]",
+                                           f"tokenizer {tmp_path / 'none.json'}: no such file or directory"]
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(DataError, match="out: exists and is not a directory"):
+        prep(tmp_path / "out", [str(tmp_path / "ok.jsonl")])

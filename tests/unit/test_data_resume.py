@@ -4,7 +4,10 @@ What is checked against what:
 - a prep interrupted after some work units, then rerun, against an uninterrupted prep: every file of
   the result byte-identical, and only the missing units tokenized again;
 - a prep SIGKILLed mid-tokenization (2 worker processes), then rerun with 2 workers, against the same;
-- a partial of another request is discarded; a second prep on the same target stops on the lock;
+- finished work is keyed by content: a rerun that changes only assembly options (seq_len, packing,
+  compression) tokenizes nothing again, a bad line fails the prep without losing the units of the
+  other file, and after the fix only the fixed file is tokenized; a second prep on the same target
+  stops on the lock;
 - a stream at batch_size 4 against one at batch_size 8 (same canonical nodes): batches 2k and 2k+1
   together are batch k, so the order does not depend on how the global batch is cut;
 - a weighted mixture: per-epoch source counts against the weights, exact mid-epoch resume, and a
@@ -27,10 +30,10 @@ import pytest
 import torch
 
 from fwpkm_megatron.config import DataConfig
-from fwpkm_megatron.data import DataError, MixtureSource, build_loader, prepare_corpus, read_manifest
+from fwpkm_megatron.data import DataError, MixtureSource, build_loader, prepare_corpus
 from fwpkm_megatron.data import prepare
 from fwpkm_megatron.data import units as data_units
-from fwpkm_megatron.data.streaming_compat import import_streaming
+from fwpkm_megatron.data.stream import stored_samples
 
 SEQ_LEN = 16
 UNIT = 3000  # bytes of text per work unit: the corpora below make 8-12 units
@@ -44,7 +47,11 @@ def write_jsonl(path: Path, n_docs: int, seed: int) -> None:
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes; the manifest's prep report (timings, workers) is left out."""
+    files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    manifest = json.loads(files.pop("manifest.json"))
+    assert set(manifest.pop("report")) >= {"documents", "tokens", "skipped", "bad_records", "seconds"}
+    return {**files, "manifest.json": json.dumps(manifest, sort_keys=True).encode()}
 
 
 KW = dict(vocab_size=300, seq_len=SEQ_LEN, val_fraction=0.1, test_fraction=0.05, seed=3, progress=False)
@@ -58,27 +65,31 @@ def corpus(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def unit_ids(job) -> list[str]:
+    return [u["id"] for u in job["units"]]
+
+
 def test_resumed_prep_matches_uninterrupted(corpus, monkeypatch):
     inputs = [str(corpus / "*.jsonl")]
-    real, calls = data_units._tokenize_unit, []
-    monkeypatch.setattr(data_units, "_tokenize_unit", lambda job: (calls.append(job[0].index), real(job))[1])
+    real, calls = data_units._tokenize_job, []
+    monkeypatch.setattr(data_units, "_tokenize_job", lambda job: (calls.extend(unit_ids(job)), real(job))[1])
     prepare_corpus(corpus / "ref", inputs=inputs, **KW)
-    n_units, calls[:] = len(calls), []
+    all_units, calls[:] = list(calls), []
 
     def die_after_three(job):
-        if len(calls) == 3:
+        if len(calls) >= 3:
             raise KeyboardInterrupt
-        calls.append(job[0].index)
+        calls.extend(unit_ids(job))
         return real(job)
 
-    monkeypatch.setattr(data_units, "_tokenize_unit", die_after_three)
+    monkeypatch.setattr(data_units, "_tokenize_job", die_after_three)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(corpus / "out", inputs=inputs, **KW)
-    assert not (corpus / "out").exists() and len(list((corpus / ".out.partial/units").glob("*.npz"))) == 3
+    assert not (corpus / "out").exists() and len(list((corpus / ".out.partial/units").glob("*/*.npz"))) == len(calls)
     done, calls[:] = list(calls), []
-    monkeypatch.setattr(data_units, "_tokenize_unit", lambda job: (calls.append(job[0].index), real(job))[1])
+    monkeypatch.setattr(data_units, "_tokenize_job", lambda job: (calls.extend(unit_ids(job)), real(job))[1])
     manifest = prepare_corpus(corpus / "out", inputs=inputs, **KW)
-    assert n_units >= 8 and sorted(calls) == sorted(set(range(n_units)) - set(done))
+    assert len(all_units) >= 8 and len(done) >= 3 and sorted(calls) == sorted(set(all_units) - set(done))
     assert tree_bytes(corpus / "out") == tree_bytes(corpus / "ref")
     assert not (corpus / ".out.partial").exists() and manifest["splits"]["test"]["documents"] == 5
 
@@ -91,41 +102,73 @@ import time, torch
 torch.set_num_threads(1)
 from fwpkm_megatron.data import prepare, units
 prepare.UNIT_BYTES = {UNIT}
-real = units._tokenize_unit
+real = units._tokenize_job
 def slow(job):
     time.sleep(0.3)
     return real(job)
-units._tokenize_unit = slow
+units._tokenize_job = slow
 prepare.prepare_corpus({str(corpus / 'out')!r}, inputs={inputs!r}, workers=2, **{KW!r})
 """
     child = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     units = corpus / ".out.partial" / "units"
     deadline = time.monotonic() + 120
-    while len(list(units.glob("*.npz"))) < 2 and child.poll() is None and time.monotonic() < deadline:
+    while len(list(units.glob("*/*.npz"))) < 2 and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(child.pid, signal.SIGKILL)  # the prep and its two workers, mid-tokenization
     child.wait()
-    left = len(list(units.glob("*.npz")))
+    left = len(list(units.glob("*/*.npz")))
     assert 2 <= left < 8 and not (corpus / "out").exists()
     prepare_corpus(corpus / "out", inputs=inputs, workers=2, **KW)
     assert tree_bytes(corpus / "out") == tree_bytes(corpus / "ref")
 
 
-def test_stale_partial_is_discarded_and_live_one_is_locked(corpus, caplog):
-    inputs = [str(corpus / "a.jsonl")]
-    partial = corpus / ".out.partial"
-    (partial / "units").mkdir(parents=True)
-    (partial / "request.json").write_text('{"other": 1}')
-    (partial / "units" / "000000.npz").write_bytes(b"junk from another request")
-    prepare_corpus(corpus / "out", inputs=inputs, **KW)
-    assert "different request" in caplog.text and read_manifest(corpus / "out")["source"]["documents"] == 60
+def test_finished_units_survive_assembly_changes_and_bad_input(corpus, monkeypatch):
+    inputs = [str(corpus / "*.jsonl")]
+    tok = corpus / "tok.json"
+    prepare_corpus(corpus / "ref", inputs=inputs, **KW)
+    (corpus / "ref" / "tokenizer.json").rename(tok)
+    kw = {**KW, "tokenizer_path": str(tok)}
+    real, calls = data_units._tokenize_job, []
+    monkeypatch.setattr(data_units, "_tokenize_job", lambda job: (calls.extend(unit_ids(job)), real(job))[1])
+    real_write = prepare.write_splits
 
+    def write_then_die(*args, **kwargs):
+        real_write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "write_splits", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus(corpus / "out", inputs=inputs, **kw)
+    monkeypatch.setattr(prepare, "write_splits", real_write)
+    first, calls[:] = list(calls), []
+    windowed = prepare_corpus(corpus / "out", inputs=inputs, **{**kw, "seq_len": 8, "packing": "window",
+                                                                 "compression": "zstd"})
+    assert first and calls == [] and windowed["packing"] == "window"  # assembly-only: nothing re-tokenized
+
+    calls[:] = []
+    with pytest.raises(DataError, match="train split: .* fewer than one sample"):  # after tokenizing a.jsonl
+        prepare_corpus(corpus / "out2", inputs=[str(corpus / "a.jsonl")], **{**kw, "seq_len": 10**5})
+    a_units, calls[:] = set(calls), []
+    good_b = (corpus / "b.jsonl").read_bytes()
+    (corpus / "b.jsonl").write_bytes(good_b + b'{"text": "cut\n')  # a bad last line in the other file
+    with pytest.raises(DataError, match=r"b.jsonl:41: malformed JSON"):
+        prepare_corpus(corpus / "out2", inputs=inputs, **kw)
+    assert a_units == {p.stem for p in (corpus / ".out2.partial" / "units").glob("*/*.npz")}  # a's units kept
+    (corpus / "b.jsonl").write_bytes(good_b)
+    prepare_corpus(corpus / "out2", inputs=inputs, **kw)
+    assert calls and not a_units & set(calls)  # only b.jsonl was tokenized
+    prepare_corpus(corpus / "out3", inputs=inputs, **kw)
+    assert tree_bytes(corpus / "out2") == tree_bytes(corpus / "out3")
+
+
+
+def test_live_partial_is_locked(corpus):
+    partial = corpus / ".out.partial"
     partial.mkdir()
     with open(partial / "lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(DataError, match="another fwpkm-prep is writing it"):
-            prepare_corpus(corpus / "out2", inputs=inputs, **KW)
-            prepare_corpus(corpus / "out", inputs=inputs, overwrite=True, **KW)
+            prepare_corpus(corpus / "out", inputs=[str(corpus / "a.jsonl")], **KW)
 
 
 # ---------------------------------------------------------------- stream order and mixtures
@@ -162,8 +205,7 @@ def test_mixture_matches_weights_and_resumes(two_sets):
     cfg = DataConfig(path="unused")
     mixture = [MixtureSource(str(two_sets / "A"), weight=3.0), MixtureSource(str(two_sets / "B"), weight=1.0)]
     def ids(split_dir):
-        ds = import_streaming().StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)
-        return {tuple(ds[i]["tokens"].tolist()) for i in range(ds.num_samples)}
+        return {tuple(r) for r in stored_samples(split_dir).tolist()}
     a, b = ids(two_sets / "A/train"), ids(two_sets / "B/train")
     kw = dict(batch_size=4, seq_len=SEQ_LEN, seed=2, mixture=mixture)
     with build_loader(cfg, "train", **kw) as s:
