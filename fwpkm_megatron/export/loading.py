@@ -56,11 +56,12 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = Non
         fwpkm_megatron.export.hf.fwpkm_integrity.ExportIntegrityError: a file is missing, truncated or corrupt.
     """
     path = Path(path)
-    if not is_export_dir(path):
+    if not is_export_dir(path):  # export to a temporary directory, loaded from and then removed
         from fwpkm_megatron.export.writer import export_checkpoint
 
-        tmp = Path(tempfile.mkdtemp(prefix="fwpkm-export-"))
-        path = export_checkpoint(path, tmp / "model")
+        with tempfile.TemporaryDirectory(prefix="fwpkm-export-") as tmp:
+            return load_model(export_checkpoint(path, Path(tmp) / "model"), device=device, dtype=dtype,
+                              verify_checksums=verify_checksums, **config_overrides)
     verify_index(str(path), checksums=verify_checksums)
     ensure_transformers_importable()
     from transformers import AutoModelForCausalLM, AutoTokenizer
