@@ -69,6 +69,13 @@ def pytest_configure(config):
     # Test shapes are tiny: one intra-op thread is fastest, and it never oversubscribes the cores
     # when several test processes (or a parallel test's ranks) share the machine.
     torch.set_num_threads(1)
+    # The known-benign library warnings (fwpkm_megatron/benign.py) stay out of the summary, as on the
+    # command lines; pytest re-enables DeprecationWarnings per test, its ini filters come after that.
+    from fwpkm_megatron import benign
+
+    benign.silence()
+    for entry in benign.WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{entry.message}:{entry.category.__name__}")
     # tmp_path lives in a fresh directory of this checkout, removed when the session ends: pytest's
     # default (/tmp/pytest-of-<user>/, the last three sessions kept) leaves data and runs in /tmp.
     # A fresh directory per session, so concurrent sessions in one checkout never share one.

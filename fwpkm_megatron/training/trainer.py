@@ -33,6 +33,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from fwpkm_megatron.benign import silence
 from fwpkm_megatron.config import RunConfig
 from fwpkm_megatron.training import checkpoint as ckpt
 from fwpkm_megatron.training.logging import RunLogger, format_bytes, format_count, format_step_line
@@ -54,6 +55,7 @@ class Trainer:
     """
 
     def __init__(self, run: RunConfig, *, console: TextIO | None = None):
+        silence()  # known-benign library warnings (benign.py), also for ranks and library users
         from fwpkm_megatron.data import DataError, build_loader
         from fwpkm_megatron.model import build_model
         from fwpkm_megatron.parallel.groups import init_single_process
