@@ -176,6 +176,7 @@ class TrainConfig:
     save_every: int = 0              # 0 = only at the end
     keep_last: int = 2
     threads: int = 0                 # torch intra-op threads; 0 = leave torch's default
+    peak_tflops: float | None = None  # one device's peak TFLOP/s for MFU; None = training/flops.py's table
 
     def problems(self) -> list[str]:
         p = []
@@ -191,6 +192,8 @@ class TrainConfig:
             p.append(f"train.betas={self.betas}: must be two numbers in [0, 1)")
         if self.grad_clip < 0:
             p.append(f"train.grad_clip={self.grad_clip}: must be >= 0 (0 disables)")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            p.append(f"train.peak_tflops={self.peak_tflops}: must be > 0 (or unset)")
         return p
 
 

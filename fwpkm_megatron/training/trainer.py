@@ -23,6 +23,7 @@ at any layout, also in one process; a single-process run keeps the single-proces
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -36,6 +37,7 @@ import torch
 from fwpkm_megatron.benign import silence
 from fwpkm_megatron.config import RunConfig
 from fwpkm_megatron.training import checkpoint as ckpt
+from fwpkm_megatron.training.flops import compute_dtype, peak_tflops, training_flops_per_token
 from fwpkm_megatron.training.logging import RunLogger, format_bytes, format_count, format_step_line
 from fwpkm_megatron.training.optim import build_optimizer, clip_grad_norm
 
@@ -129,6 +131,13 @@ class Trainer:
         except BaseException:
             self.train_stream.close()
             raise
+        self.world_size = world
+        sized = dataclasses.replace(run, model=dataclasses.replace(run.model, vocab_size=self.vocab_size))
+        self.flops_per_token = training_flops_per_token(sized)
+        dtype = compute_dtype(next(self.model.parameters()).dtype, self.device.type)
+        self.peak_tflops, source = peak_tflops(self.device, dtype, cfg.peak_tflops)
+        self.peak_note = (f"peak {self.peak_tflops:g} TFLOP/s per device ({source}): MFU logged"
+                          if self.peak_tflops is not None else source)
         quiet = rank != 0  # one console and one event file per run: rank 0 logs
         self.logger = RunLogger(self.tb_dir, purge_step=self.step + 1 if resume_from else None,
                                 stream=console, enabled=not quiet)
@@ -235,13 +244,19 @@ class Trainer:
         Returns:
             The summary dict when the run reached `train.steps`, else None.
         """
+        from fwpkm_megatron.memory import set_memory_diagnostics
+
         cfg = self.run.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         start_time, start_step = time.perf_counter(), self.step
         while self.step < end:
+            logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
+            set_memory_diagnostics(self.model, logged)  # addr loss, MSE, |dV| of this step (memory/)
             metrics = self._train_step()
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            self._log_throughput(metrics)
+            if logged:
                 self._log_memory(self.step)
+                set_memory_diagnostics(self.model, False)
                 self.logger.console(format_step_line(self.step, cfg.steps, metrics))
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self.evaluate()
@@ -377,6 +392,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- logging
 
+    def _log_throughput(self, metrics: dict[str, float]) -> None:
+        """perf/model_tflops_per_device and, where the device's peak is known, perf/mfu (training/flops.py)."""
+        tflops = self.flops_per_token * metrics["train/tokens_per_s"] / self.world_size / 1e12
+        perf = {"perf/model_tflops_per_device": tflops}
+        if self.peak_tflops is not None:
+            perf["perf/mfu"] = tflops / self.peak_tflops
+        self.logger.scalars(perf, self.step)
+
     def _log_memory(self, step: int) -> None:
         from fwpkm_megatron.memory import gate_histograms, memory_stats
 
@@ -409,6 +432,8 @@ class Trainer:
             if self.engine.sync_bytes:
                 lines.append(f"fast-weight DP sync: all-reduce of {format_bytes(self.engine.sync_bytes)} per step"
                              f" per rank (persistent policy, DP={self.groups.dp})")
+        lines.append(f"model FLOPs per token: {format_count(self.flops_per_token)} (forward + backward, memory ops"
+                     f" included; docs/performance.md); {self.peak_note}")
         for line in lines:
             self.logger.console(line)
         if fresh:
@@ -416,7 +441,7 @@ class Trainer:
             self.logger.text("run/config", json.dumps(self.run.to_dict(), indent=2))
             self.logger.scalars({"run/tokens_per_step": self.tokens_per_step,
                                  "run/slow_params": slow_numel, "run/fast_params": fast_numel,
-                                 "run/fast_bytes": fast_bytes}, 0)
+                                 "run/fast_bytes": fast_bytes, "run/flops_per_token": self.flops_per_token}, 0)
 
     def _summary(self, wall_seconds: float, start_step: int) -> dict[str, Any]:
         tail = self.losses[-FINAL_LOSS_WINDOW:]

@@ -266,3 +266,31 @@ def test_static_pkm_reads_and_trains_values():
     touched = pkm.values.grad.abs().sum(-1) > 0
     assert 0 < int(touched.sum()) <= 11 * 3 * 2 * 3, "only read rows get gradient"
     assert pkm.sub_keys.grad.abs().sum() > 0
+
+
+def test_diagnostics_match_their_definitions_and_change_nothing():
+    """addr_loss, fw_mse, read/write magnitudes of a one-chunk forward, recomputed from their definitions
+    (method Eqs. 16-18; the pre-write read against the lookahead target; the stored rows' change), and
+    a forward with diagnostics on equals one without, bit for bit."""
+    from fwpkm_megatron import ops
+
+    x = hidden(s=BASE.chunk_size)
+    plain, block = like_pair()
+    block.diagnostics = True
+    v0, k0 = block.state.values.clone(), block.state.keys.clone()
+    torch.testing.assert_close(block(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(block.state.values, plain.state.values, rtol=0, atol=0)
+    assert plain.last_diagnostics == {} and "fw_mse" not in plain.statistics()
+
+    stats = block.statistics()
+    with torch.no_grad():
+        q, v, _ = block.project(x.transpose(0, 1))
+    B, T = q.shape[:2]
+    addr = ops.pkm_address(q.reshape(B * T, BASE.heads, -1), k0, topk=BASE.topk)
+    assert stats["addr_loss"] == pytest.approx(float(ops.addressing_loss(addr)), rel=1e-5)
+    v_hat = torch.einsum("mhk,mhkd->md", addr.weight, v0[addr.idx]).view(B, T, -1)  # read before the write
+    mse = (v_hat[:, :-1] - v[:, 1:]).square().mean()                                # lookahead 1
+    assert stats["fw_mse"] == pytest.approx(float(mse), rel=1e-5)
+    assert stats["read_abs_mean"] == pytest.approx(float(v_hat.abs().mean()), rel=1e-5)
+    delta = (block.state.values - v0)[torch.unique(addr.idx)]  # a chunk's write covers every row it read
+    assert stats["write_abs_mean"] == pytest.approx(float(delta.abs().mean()), rel=1e-5)
