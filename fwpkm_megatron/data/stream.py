@@ -435,7 +435,6 @@ class TokenStream:
             return
         self._stop_epoch()
         shared = _shared_memory_of(self._dataset)
-        locks = _own_filelocks(self._dataset)
         self._iter = self._loader = self._dataset = None
         gc.collect()  # the dataset's numpy views must die before their buffers can close
         for shm in shared:
@@ -446,22 +445,9 @@ class TokenStream:
                 shm.cleanup()
             except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
                 atexit.register(shm.cleanup)
-        for path in locks:
-            Path(path).unlink(missing_ok=True)
-
-
-def _own_filelocks(dataset) -> list[str]:
-    """The `<tmp>/<prefix>_*_filelock` files of a lone process's dataset, which streaming never removes.
-
-    Only a process that is the whole node's world owns them outright; the ranks of a parallel job share
-    them, and the next run's stale sweep (`sweep_stale_shared_memory`) removes those.
-    """
-    constant = import_streaming().base.constant
-    if dataset._unique_rank_world.ranks_per_node != 1:
-        return []
-    prefix = f"{dataset._shm_prefix_int:06d}"
-    return [os.path.join(dataset._filelock_root, f"{prefix}_{name}")
-            for name in (constant.BARRIER_FILELOCK, constant.CACHE_FILELOCK)]
+        # streaming never removes its `<tmp>/<prefix>_*_filelock` files; the sweep removes them (and any
+        # stale segments) once no dataset of this user is live, so a closing last stream leaves nothing
+        sweep_stale_shared_memory()
 
 
 def _shared_memory_of(dataset) -> list:
