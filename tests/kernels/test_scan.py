@@ -190,7 +190,7 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("on a GPU the tests above compile and run every kernel")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TMPDIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",  # ptxas scratch
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     code = f"import runpy; runpy.run_path({str(Path(__file__))!r}, run_name='__compile__')"
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
