@@ -124,9 +124,11 @@ def sweep_stale_shared_memory() -> list[str]:
         return []
     live = _mapped_shm_names()
     live_prefixes = {p for p, paths in segments.items() if any(x.name in live for x in paths)}
-    # Filelocks go only while no dataset of this user is live: deleting one while another job's ranks
-    # walk the prefixes can make them pick different prefixes (streaming's prefix choice is not atomic).
-    candidates = list(segments.items()) + ([] if live_prefixes else list(locks.items()))
+    # A dead prefix's filelocks go only above every live prefix: ranks find their job's prefix by walking
+    # up from 0 past prefixes that have filelocks, so a hole below a live prefix could stop another job's
+    # walk short (streaming's prefix choice is not atomic). Zero-padded prefixes compare as strings.
+    top = max(live_prefixes, default="")
+    candidates = list(segments.items()) + [(p, paths) for p, paths in locks.items() if p > top]
     removed = []
     for prefix, paths in candidates:
         if prefix in live_prefixes:
@@ -445,8 +447,8 @@ class TokenStream:
                 shm.cleanup()
             except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
                 atexit.register(shm.cleanup)
-        # streaming never removes its `<tmp>/<prefix>_*_filelock` files; the sweep removes them (and any
-        # stale segments) once no dataset of this user is live, so a closing last stream leaves nothing
+        # streaming never removes its `<tmp>/<prefix>_*_filelock` files; the sweep removes those above
+        # every live prefix (and any stale segments), so the last stream to close leaves nothing behind
         sweep_stale_shared_memory()
 
 
