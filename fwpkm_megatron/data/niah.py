@@ -34,7 +34,7 @@ import numpy as np
 
 from fwpkm_megatron.data.layout import load_tokenizer, read_manifest
 from fwpkm_megatron.data.readers import DataError
-from fwpkm_megatron.data.streaming_compat import import_streaming
+from fwpkm_megatron.data.stream import storage_order_samples
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def haystack_ids(data_path: str | os.PathLike, split: str = "val") -> np.ndarray
     if split not in manifest["splits"]:
         raise DataError(f"{data_path}: has no {split!r} split (has {', '.join(manifest['splits'])})")
     tok = load_tokenizer(data_path)
-    ds = import_streaming().StreamingDataset(local=str(Path(data_path) / split), shuffle=False, batch_size=1)
-    flat = np.concatenate([ds[i]["tokens"] for i in range(ds.num_samples)]).astype(np.int64)
+    flat = np.concatenate(list(storage_order_samples(Path(data_path) / split))).astype(np.int64)
     separator = np.array(tok.encode("\n\n", add_special_tokens=False).ids, dtype=np.int64)
     pieces = np.split(flat, np.flatnonzero(flat == manifest["eos_id"]) + 1)
     joined = [np.concatenate([p[:-1], separator]) if len(p) and p[-1] == manifest["eos_id"] else p

@@ -438,18 +438,40 @@ class TokenStream:
         self._stop_epoch()
         shared = _shared_memory_of(self._dataset)
         self._iter = self._loader = self._dataset = None
-        gc.collect()  # the dataset's numpy views must die before their buffers can close
-        for shm in shared:
-            # streaming keeps every segment open until exit (an atexit hook per segment): one open
-            # file per segment per stream, which a process building many streams runs out of.
-            atexit.unregister(shm.cleanup)
-            try:
-                shm.cleanup()
-            except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
-                atexit.register(shm.cleanup)
-        # streaming never removes its `<tmp>/<prefix>_*_filelock` files; the sweep removes those above
-        # every live prefix (and any stale segments), so the last stream to close leaves nothing behind
-        sweep_stale_shared_memory()
+        _release(shared)
+
+
+def _release(shared: list) -> None:
+    """Close and unlink the segments of a dropped StreamingDataset now, then sweep streaming's filelocks."""
+    gc.collect()  # the dataset's numpy views must die before their buffers can close
+    for shm in shared:
+        # streaming keeps every segment open until exit (an atexit hook per segment): one open
+        # file per segment per stream, which a process building many streams runs out of.
+        atexit.unregister(shm.cleanup)
+        try:
+            shm.cleanup()
+        except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
+            atexit.register(shm.cleanup)
+    # streaming never removes its `<tmp>/<prefix>_*_filelock` files; the sweep removes those above
+    # every live prefix (and any stale segments), so the last stream to close leaves nothing behind
+    sweep_stale_shared_memory()
+
+
+def storage_order_samples(local: str | os.PathLike, limit: int | None = None):
+    """The `tokens` of one prepared split's samples in storage order (no shuffle), as numpy copies.
+
+    For evaluation (perplexity, NIAH haystacks). The StreamingDataset is released like a closed
+    TokenStream when the iteration ends or the generator is dropped.
+    """
+    ds = import_streaming().StreamingDataset(local=str(local), shuffle=False, batch_size=1)
+    shared = _shared_memory_of(ds)
+    try:
+        n = ds.num_samples if limit is None else min(limit, ds.num_samples)
+        for i in range(n):
+            yield np.array(ds[i]["tokens"])  # a copy: nothing outlives the dataset's shared memory
+    finally:
+        del ds
+        _release(shared)
 
 
 def _shared_memory_of(dataset) -> list:

@@ -26,13 +26,11 @@ from tqdm import tqdm
 def val_segments(data_path: str | Path, split: str = "val", limit: int | None = None) -> Iterator[torch.Tensor]:
     """The split's samples in storage order (documents in order), int64 [seq_len + 1] each."""
     from fwpkm_megatron.data.layout import read_manifest
-    from fwpkm_megatron.data.streaming_compat import import_streaming
+    from fwpkm_megatron.data.stream import storage_order_samples
 
     read_manifest(data_path)
-    ds = import_streaming().StreamingDataset(local=str(Path(data_path) / split), shuffle=False, batch_size=1)
-    n = ds.num_samples if limit is None else min(limit, ds.num_samples)
-    for i in range(n):
-        yield torch.as_tensor(ds[i]["tokens"].astype("int64"))
+    for tokens in storage_order_samples(Path(data_path) / split, limit):
+        yield torch.as_tensor(tokens.astype("int64"))
 
 
 @torch.no_grad()
