@@ -436,13 +436,32 @@ class TokenStream:
         if self._dataset is None:
             return
         self._stop_epoch()
-        shared = _shared_memory_of(self._dataset)
+        shared, locks = _shared_memory_of(self._dataset), _own_filelocks(self._dataset)
         self._iter = self._loader = self._dataset = None
-        _release(shared)
+        _release(shared, locks)
 
 
-def _release(shared: list) -> None:
-    """Close and unlink the segments of a dropped StreamingDataset now, then sweep streaming's filelocks."""
+_kept_filelocks: list[tuple[str, list[str]]] = []  # released datasets' filelocks not yet safe to remove
+
+
+def _own_filelocks(dataset) -> tuple[str, list[str]]:
+    """(prefix, its `<tmp>/<prefix>_*_filelock` paths) of a lone process's dataset; ("", []) for the ranks of a
+    parallel job, which share them (the next run's `sweep_stale_shared_memory` removes those)."""
+    if dataset._unique_rank_world.ranks_per_node != 1:
+        return "", []
+    constant = import_streaming().base.constant
+    prefix = f"{dataset._shm_prefix_int:06d}"
+    return prefix, [os.path.join(dataset._filelock_root, f"{prefix}_{name}")
+                    for name in (constant.BARRIER_FILELOCK, constant.CACHE_FILELOCK)]
+
+
+def _release(shared: list, locks: tuple[str, list[str]]) -> None:
+    """Close and unlink the segments of a dropped StreamingDataset now, then remove its own filelocks.
+
+    streaming never removes those. They go only when no live prefix lies above this one: ranks find their
+    job's prefix by walking up from 0 past prefixes with filelocks, and a hole below a live prefix could
+    stop such a walk short. No other job's segments or files are touched.
+    """
     gc.collect()  # the dataset's numpy views must die before their buffers can close
     for shm in shared:
         # streaming keeps every segment open until exit (an atexit hook per segment): one open
@@ -452,9 +471,14 @@ def _release(shared: list) -> None:
             shm.cleanup()
         except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
             atexit.register(shm.cleanup)
-    # streaming never removes its `<tmp>/<prefix>_*_filelock` files; the sweep removes those above
-    # every live prefix (and any stale segments), so the last stream to close leaves nothing behind
-    sweep_stale_shared_memory()
+    if locks[1]:
+        _kept_filelocks.append(locks)
+    live = {name[:6] for name in _mapped_shm_names() if re.match(r"\d{6}_", name)}
+    for prefix, paths in list(_kept_filelocks):  # also this process's earlier ones, kept for a live prefix above
+        if not any(p >= prefix for p in live):
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+            _kept_filelocks.remove((prefix, paths))
 
 
 def storage_order_samples(local: str | os.PathLike, limit: int | None = None):
@@ -464,14 +488,14 @@ def storage_order_samples(local: str | os.PathLike, limit: int | None = None):
     TokenStream when the iteration ends or the generator is dropped.
     """
     ds = import_streaming().StreamingDataset(local=str(local), shuffle=False, batch_size=1)
-    shared = _shared_memory_of(ds)
+    shared, locks = _shared_memory_of(ds), _own_filelocks(ds)
     try:
         n = ds.num_samples if limit is None else min(limit, ds.num_samples)
         for i in range(n):
             yield np.array(ds[i]["tokens"])  # a copy: nothing outlives the dataset's shared memory
     finally:
         del ds
-        _release(shared)
+        _release(shared, locks)
 
 
 def _shared_memory_of(dataset) -> list:
