@@ -238,6 +238,7 @@ class TrainConfig:
     precision: str = "fp32"          # fp32 | bf16: bf16 compute, fp32 master weights and grads; fast weights fp32
     global_batch_size: int = 0       # sequences per optimizer step, any layout (micro-batches per DP rank =
                                      # global / (micro_batch_size x DP)); 0 = micro_batch_size x num_microbatches x DP
+    peak_tflops: float | None = None  # one device's peak TFLOP/s for MFU; None = training/flops.py's table
 
     def problems(self) -> list[str]:
         p = []
@@ -259,6 +260,8 @@ class TrainConfig:
                                           and self.global_batch_size % self.micro_batch_size):
             p.append(f"train.global_batch_size={self.global_batch_size}: must be 0 or a multiple of "
                      f"train.micro_batch_size={self.micro_batch_size}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            p.append(f"train.peak_tflops={self.peak_tflops}: must be > 0 (or unset)")
         return p
 
 

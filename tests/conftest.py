@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -58,7 +61,39 @@ def tiny_run(tiny_overrides):
     return make
 
 
+REPO_TMP = Path(__file__).resolve().parent.parent / ".pytest_tmp"  # gitignored
+_session_tmp: str | None = None
+
+
 def pytest_configure(config):
     # Test shapes are tiny: one intra-op thread is fastest, and it never oversubscribes the cores
     # when several test processes (or a parallel test's ranks) share the machine.
     torch.set_num_threads(1)
+    # The known-benign library warnings (fwpkm_megatron/benign.py) stay out of the summary, as on the
+    # command lines; pytest re-enables DeprecationWarnings per test, its ini filters come after that.
+    from fwpkm_megatron import benign
+
+    benign.silence()
+    for entry in benign.WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{entry.message}:{entry.category.__name__}")
+    # tmp_path lives in a fresh directory of this checkout, removed when the session ends: pytest's
+    # default (/tmp/pytest-of-<user>/, the last three sessions kept) leaves data and runs in /tmp.
+    # A fresh directory per session, so concurrent sessions in one checkout never share one.
+    global _session_tmp
+    if config.option.basetemp is None:
+        REPO_TMP.mkdir(exist_ok=True)
+        _session_tmp = tempfile.mkdtemp(prefix="session-", dir=REPO_TMP)
+        config.option.basetemp = _session_tmp
+
+
+def pytest_unconfigure(config):
+    # The ranks of multi-process tests share streaming's /tmp filelocks and leave them to the next
+    # run's sweep (data/stream.py); sweep now, so the suite leaves nothing behind.
+    if "fwpkm_megatron.data.stream" in sys.modules:
+        sys.modules["fwpkm_megatron.data.stream"].sweep_stale_shared_memory()
+    if _session_tmp is not None:
+        shutil.rmtree(_session_tmp, ignore_errors=True)
+        try:
+            REPO_TMP.rmdir()  # only when no other session of this checkout is running
+        except OSError:
+            pass

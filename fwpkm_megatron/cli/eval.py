@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from fwpkm_megatron.benign import silence
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="export dir, or a checkpoint (step dir, checkpoints/ or run dir)")
@@ -123,6 +125,7 @@ def _niah(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence()  # known-benign library warnings (fwpkm_megatron/benign.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lm-eval"]:
         from fwpkm_megatron.eval.lm_eval_adapter import run_cli

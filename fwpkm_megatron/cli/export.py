@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fwpkm_megatron.benign import silence
+
 
 def main(argv: list[str] | None = None) -> int:
+    silence()  # known-benign library warnings (fwpkm_megatron/benign.py)
     parser = argparse.ArgumentParser(prog="fwpkm-export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="step dir, checkpoints/ root or run dir "
                         "(with --tp/--pp also an export dir)")

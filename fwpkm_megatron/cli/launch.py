@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from fwpkm_megatron.benign import silence
 from fwpkm_megatron.config import ConfigError, layout_problems, load_config
 
 
@@ -59,6 +60,7 @@ def launch_local(nproc: int, config: str, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence()  # known-benign library warnings (fwpkm_megatron/benign.py)
     parser = argparse.ArgumentParser(prog="fwpkm-launch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     local = sub.add_parser("local", help="N processes on this machine")

@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 
+from fwpkm_megatron.benign import silence
 from fwpkm_megatron.data import DataError, existing_prep, prepare_corpus
 
 
@@ -102,6 +103,7 @@ def _niah(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence()  # known-benign library warnings (fwpkm_megatron/benign.py)
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if argv[:1] == ["niah"]:

@@ -12,10 +12,12 @@ import argparse
 import os
 import sys
 
+from fwpkm_megatron.benign import silence
 from fwpkm_megatron.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence()  # known-benign library warnings (fwpkm_megatron/benign.py)
     parser = argparse.ArgumentParser(prog="fwpkm-train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")

@@ -124,9 +124,11 @@ def sweep_stale_shared_memory() -> list[str]:
         return []
     live = _mapped_shm_names()
     live_prefixes = {p for p, paths in segments.items() if any(x.name in live for x in paths)}
-    # Filelocks go only while no dataset of this user is live: deleting one while another job's ranks
-    # walk the prefixes can make them pick different prefixes (streaming's prefix choice is not atomic).
-    candidates = list(segments.items()) + ([] if live_prefixes else list(locks.items()))
+    # A dead prefix's filelocks go only above every live prefix: ranks find their job's prefix by walking
+    # up from 0 past prefixes that have filelocks, so a hole below a live prefix could stop another job's
+    # walk short (streaming's prefix choice is not atomic). Zero-padded prefixes compare as strings.
+    top = max(live_prefixes, default="")
+    candidates = list(segments.items()) + [(p, paths) for p, paths in locks.items() if p > top]
     removed = []
     for prefix, paths in candidates:
         if prefix in live_prefixes:
@@ -439,35 +441,72 @@ class TokenStream:
         if self._dataset is None:
             return
         self._stop_epoch()
-        shared = shared_memory_of(self._dataset)
+        shared, locks = shared_memory_of(self._dataset), _own_filelocks(self._dataset)
         self._iter = self._loader = self._dataset = None
-        release_shared_memory(shared)
+        release_shared_memory(shared, locks)
 
 
-def stored_samples(split_dir: str | os.PathLike) -> np.ndarray:
-    """Every sample of a prepared split directory in storage order, [S, sample_len] (no shuffle, no
-    loader), with the dataset's shared memory released afterwards."""
-    ds = import_streaming().StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)
-    rows = np.stack([ds[i]["tokens"] for i in range(ds.num_samples)])
-    shared = shared_memory_of(ds)
-    del ds
-    release_shared_memory(shared)
-    return rows
+_kept_filelocks: list[tuple[str, list[str]]] = []  # released datasets' filelocks not yet safe to remove
 
 
-def release_shared_memory(shared: list) -> None:
-    """Close segments from shared_memory_of(dataset) once the caller dropped the dataset.
+def _own_filelocks(dataset) -> tuple[str, list[str]]:
+    """(prefix, its `<tmp>/<prefix>_*_filelock` paths) of a lone process's dataset; ("", []) for the ranks of a
+    parallel job, which share them (the next run's `sweep_stale_shared_memory` removes those)."""
+    if dataset._unique_rank_world.ranks_per_node != 1:
+        return "", []
+    constant = import_streaming().base.constant
+    prefix = f"{dataset._shm_prefix_int:06d}"
+    return prefix, [os.path.join(dataset._filelock_root, f"{prefix}_{name}")
+                    for name in (constant.BARRIER_FILELOCK, constant.CACHE_FILELOCK)]
 
-    streaming keeps every segment open until exit (an atexit hook per segment): one open file per
-    segment per dataset, which a process building many datasets (a test session) runs out of.
+
+def release_shared_memory(shared: list, locks: tuple[str, list[str]] = ("", [])) -> None:
+    """Close and unlink the segments of a dropped StreamingDataset now, then remove its own filelocks.
+
+    streaming never removes those. They go only when no live prefix lies above this one: ranks find their
+    job's prefix by walking up from 0 past prefixes with filelocks, and a hole below a live prefix could
+    stop such a walk short. No other job's segments or files are touched.
     """
     gc.collect()  # the dataset's numpy views must die before their buffers can close
     for shm in shared:
+        # streaming keeps every segment open until exit (an atexit hook per segment): one open
+        # file per segment per stream, which a process building many streams runs out of.
         atexit.unregister(shm.cleanup)
         try:
             shm.cleanup()
         except BufferError:  # still viewed somewhere: leave it to exit, as streaming would
             atexit.register(shm.cleanup)
+    if locks[1]:
+        _kept_filelocks.append(locks)
+    live = {name[:6] for name in _mapped_shm_names() if re.match(r"\d{6}_", name)}
+    for prefix, paths in list(_kept_filelocks):  # also this process's earlier ones, kept for a live prefix above
+        if not any(p >= prefix for p in live):
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+            _kept_filelocks.remove((prefix, paths))
+
+
+def storage_order_samples(local: str | os.PathLike, limit: int | None = None):
+    """The `tokens` of one prepared split's samples in storage order (no shuffle), as numpy copies.
+
+    For evaluation (perplexity, NIAH haystacks). The StreamingDataset is released like a closed
+    TokenStream when the iteration ends or the generator is dropped.
+    """
+    ds = import_streaming().StreamingDataset(local=str(local), shuffle=False, batch_size=1)
+    shared, locks = shared_memory_of(ds), _own_filelocks(ds)
+    try:
+        n = ds.num_samples if limit is None else min(limit, ds.num_samples)
+        for i in range(n):
+            yield np.array(ds[i]["tokens"])  # a copy: nothing outlives the dataset's shared memory
+    finally:
+        del ds
+        release_shared_memory(shared, locks)
+
+
+def stored_samples(split_dir: str | os.PathLike) -> np.ndarray:
+    """Every sample of a prepared split directory in storage order, [S, sample_len] (no shuffle, no
+    loader), with the dataset's shared memory released afterwards."""
+    return np.stack(list(storage_order_samples(split_dir)))
 
 
 def shared_memory_of(dataset) -> list:

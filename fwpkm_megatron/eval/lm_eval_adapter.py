@@ -1,7 +1,7 @@
 """lm-evaluation-harness model `fwpkm`: an exported FwPKM model with its memory writing as it reads.
 
     fwpkm-eval lm-eval --model fwpkm --model_args path=DIR[,policy=per_sequence,update_chunk=512,
-                       carry_lookahead=False,dtype=fp32] --tasks ... --device cpu
+                       carry_lookahead=False,dtype=fp32] --tasks ... [--device cpu|cuda]
     (`--model hf --model_args pretrained=DIR,trust_remote_code=True` also works on an export.)
 
 `path` may also be a training checkpoint (exported on the fly). lm-eval sorts requests by length and
@@ -15,12 +15,15 @@ order; HFLM scores loglikelihood batches without an attention mask (right paddin
 only on the request order). `--model hf` has no such guard: use it with per_sequence or frozen.
 
 The `fwpkm-eval lm-eval` wrapper registers this class and runs lm-eval's own command line (needed
-because lm-eval discovers models only from its own registry).
+because lm-eval discovers models only from its own registry). Without `--device` it runs on the device
+that exists (CUDA when available, else CPU), not lm-eval's `cuda:0` default; an explicit `--device` wins.
 """
 from __future__ import annotations
 
 import logging
 import sys
+
+import torch
 
 from fwpkm_megatron.export.loading import ensure_transformers_importable, load_model
 
@@ -42,9 +45,9 @@ class FwPKMLM(HFLM):
     """HFLM over an exported FwPKM model, with the test-time memory policy as model_args."""
 
     def __init__(self, path: str | None = None, pretrained: str | None = None, policy: str = "per_sequence",
-                 update_chunk: int | str | None = None, carry_lookahead: bool | str = False, device: str = "cpu",
+                 update_chunk: int | str | None = None, carry_lookahead: bool | str = False, device: str | None = None,
                  dtype: str | None = None, batch_size: int | str = 1, **kwargs):
-        path = path or pretrained
+        path, device = path or pretrained, device or default_device()
         if path is None:
             raise ValueError("model_args: path=<export dir or checkpoint> is required")
         model, tokenizer = load_model(
@@ -82,10 +85,18 @@ class FwPKMLM(HFLM):
         return out
 
 
+def default_device() -> str:
+    """The accelerator when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_cli(argv: list[str]) -> int:
     """lm-eval's command line with the `fwpkm` model registered (`fwpkm-eval lm-eval ARGS`)."""
     from lm_eval.__main__ import cli_evaluate
 
+    runs = not argv or argv[0] == "run" or argv[0].startswith("-")  # not `ls` / `validate`
+    if runs and not any(a == "--device" or a.startswith("--device=") for a in argv):
+        argv = [*argv, "--device", default_device()]  # lm-eval itself would pick cuda:0
     saved = sys.argv
     sys.argv = ["lm_eval", *argv]
     try:

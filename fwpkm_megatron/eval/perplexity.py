@@ -35,23 +35,22 @@ def val_segments(data_path: str | Path, split: str = "val", limit: int | None = 
     segment can be far longer than the training length (long-context perplexity).
     """
     from fwpkm_megatron.data.layout import read_manifest
-    from fwpkm_megatron.data.streaming_compat import import_streaming
+    from fwpkm_megatron.data.stream import storage_order_samples
 
     manifest = read_manifest(data_path)
     if split not in manifest["splits"]:
         raise ValueError(f"{data_path}: has no {split!r} split (has {', '.join(manifest['splits'])})")
-    ds = import_streaming().StreamingDataset(local=str(Path(data_path) / split), shuffle=False, batch_size=1)
+    samples = storage_order_samples(Path(data_path) / split, limit if length is None else None)
     if length is None:
-        n = ds.num_samples if limit is None else min(limit, ds.num_samples)
-        for i in range(n):
-            yield torch.as_tensor(ds[i]["tokens"].astype("int64"))
+        for tokens in samples:
+            yield torch.as_tensor(tokens.astype("int64"))
         return
     buffer: list[torch.Tensor] = []
     held, produced = 0, 0
-    for i in range(ds.num_samples):
+    for tokens in samples:
         if limit is not None and produced >= limit:
             return
-        piece = torch.as_tensor(ds[i]["tokens"].astype("int64"))
+        piece = torch.as_tensor(tokens.astype("int64"))
         buffer.append(piece)
         held += piece.numel()
         if held >= length + 1:

@@ -38,8 +38,16 @@ def fast_weight_numel(model: nn.Module) -> int:
     return sum(b.numel() for s in fast_weight_states(model).values() for b in s.buffers())
 
 
+def set_memory_diagnostics(model: nn.Module, on: bool) -> None:
+    """Have the FwPKM layers record addr_loss, fw_mse, read_abs_mean and write_abs_mean in their next
+    forwards (for `memory_stats`); off, they skip that work. The trainer turns it on for logged steps."""
+    for block in fwpkm_blocks(model):
+        block.diagnostics = on
+
+
 def memory_stats(model: nn.Module) -> dict[str, float]:
-    """TensorBoard scalars of the last forward: memory/layer{i}/{coverage,collision_rate,kl_uniform,gate_mean}.
+    """TensorBoard scalars of the last forward: memory/layer{i}/{coverage,collision_rate,kl_uniform,gate_mean},
+    plus addr_loss, fw_mse, read_abs_mean, write_abs_mean when that forward ran with diagnostics on.
 
     Static PKM layers report their read statistics under memory/pkm_layer{i}/, FwMLP layers their gate
     under memory/fwmlp_layer{i}/.
@@ -79,4 +87,4 @@ def _layer_id_from_name(name: str) -> str:
 
 __all__ = ["FastWeightState", "FwMLPBlock", "FwMLPState", "FwPKMBlock", "PKMMLP", "fast_weight_numel",
            "fast_weight_states", "fwpkm_blocks", "gate_histograms", "memory_stats", "reset_fast_weights",
-           "restore_fast_weights", "snapshot_fast_weights"]
+           "restore_fast_weights", "set_memory_diagnostics", "snapshot_fast_weights"]

@@ -106,6 +106,8 @@ class FwPKMBlock(nn.Module):
         self.last_gate: torch.Tensor | None = None    # [b, s] gates of the last forward
         self.tp_group = None  # set by parallel.sharding: v and out_norm hold a d_v column slice over TP
         self.comm: LayerComm = LOCAL  # TP collectives and the memory-group exchange (parallel/sharding.py)
+        self.diagnostics = False  # record `last_diagnostics` in the next forwards (memory.set_memory_diagnostics)
+        self.last_diagnostics: dict[str, torch.Tensor] = {}  # device scalars; read (host sync) when logged
         # full recompute: (keys, rows read, their values) of each first pass, popped by its recompute
         self._recompute_stash: deque = deque()
 
@@ -144,11 +146,14 @@ class FwPKMBlock(nn.Module):
             *scan_in, keys, values, backend=cfg.backend, top_k=cfg.topk,
             chunk_size=cfg.chunk_size, lookahead=cfg.lookahead, eps=cfg.eps, addr_loss_weight=cfg.addr_loss_weight,
             value_lr=cfg.value_lr, key_lr=cfg.key_lr, score=cfg.score, addr_loss=cfg.addr_loss,
-            per_sequence=per_sequence, detach_writes=cfg.detach_writes, **extra)
+            per_sequence=per_sequence, detach_writes=cfg.detach_writes,
+            diagnostics=self.diagnostics and not recompute, **extra)
         if self.training and in_first_checkpointed_pass():
             # every row this rank's columns served (the whole memory group's reads); written rows are among them
             rows = torch.unique(res.idx if res.group_idx is None else res.group_idx)
             self._recompute_stash.append((keys, rows, values[rows].clone()))
+        if not recompute:
+            self.last_diagnostics = self._diagnostics(res, values)
         if not per_sequence and not recompute:  # persistent: the state after the last chunk carries on
             self.state.commit(res.keys, res.rows, res.row_values)
         mixed = res.v_hat if g is None else g[..., None] * res.v_hat + (1 - g[..., None]) * v     # Eq. 12
@@ -172,13 +177,25 @@ class FwPKMBlock(nn.Module):
                 out.update(child.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
         return out
 
+    @torch.no_grad()
+    def _diagnostics(self, res, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The scan's addr_loss and fw_mse, plus read_abs_mean (mean |v_hat|) and write_abs_mean (mean |dV|
+        over the rows this forward wrote; shared-state policies only), when diagnostics are on."""
+        if res.diagnostics is None:
+            return {}
+        out = {**res.diagnostics, "read_abs_mean": res.v_hat.detach().abs().mean()}
+        if res.rows.numel():
+            out["write_abs_mean"] = (res.row_values.detach() - values[res.rows]).abs().mean()
+        return out
+
     def statistics(self) -> dict[str, float]:
-        """Read statistics and mean gate of the last forward (empty before the first)."""
+        """Read statistics, mean gate and (when recorded) diagnostics of the last forward (empty before the first)."""
         if self.last_reads is None:
             return {}
         stats = read_statistics(self.last_reads, self.cfg.num_slots)
         if self.last_gate is not None:
             stats["gate_mean"] = float(self.last_gate.mean())
+        stats.update({key: float(value) for key, value in self.last_diagnostics.items()})  # host sync
         return stats
 
 

@@ -65,6 +65,7 @@ def transformer_config(run: RunConfig, **overrides) -> TransformerConfig:
         # instead of stacking them along a layer axis (megatron-deepspeed-notes.md Q3; the misspelling
         # is megatron's). Always on, so checkpoint keys do not depend on where the memories sit.
         hetereogenous_dist_checkpoint=True,
+        cuda_graph_scope=[],                       # the whole layer, if graphs are on (megatron's "full" is deprecated)
     )
     fields.update(overrides)
     return TransformerConfig(**fields)

@@ -81,7 +81,10 @@ def layer_specs(run: RunConfig, window_control: WindowControl, shards=(None, Non
         attention.submodules,
         core_attention=ModuleSpec(module=FusedWindowedAttention, params={"window_control": window_control}),
     ))
-    dense = dataclasses.replace(base.submodules, self_attention=attention)
+    # megatron's MLP wants its width from the spec (it warns when it falls back to the config's)
+    ffn = run.model.ffn_hidden_size or 4 * run.model.hidden_size
+    mlp = dataclasses.replace(base.submodules.mlp, params={**base.submodules.mlp.params, "ffn_hidden_size": ffn})
+    dense = dataclasses.replace(base.submodules, self_attention=attention, mlp=mlp)
     pkm = dataclasses.replace(dense, mlp=_pkm_mlp_spec(run, shards[1])) if run.pkm.layers else None
     params = {"fwpkm": run.fwpkm, "fwpkm_shard": shards[0], "fwmlp": run.fwmlp}
     return [

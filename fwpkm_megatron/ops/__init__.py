@@ -83,11 +83,11 @@ def fwpkm_scan_rows(q, v, g, keys, values, *, backend: str = "auto", **kw) -> Sc
                                       "use fwpkm.backend=auto or reference")
         return reference.fwpkm_scan_rows(q, v, g, keys, values, **kw)
     if q.device.type == "meta" and kw.get("written") is None:
-        return library.fwpkm_scan_rows(q, v, g, keys, values, **{k: x for k, x in kw.items() if k != "written"})
+        return library.fwpkm_scan_rows(q, v, g, keys, values, **{k: x for k, x in kw.items() if k not in ("written", "diagnostics")})
     if resolve_backend(backend, q.device) == "triton":
         if kw.get("written") is not None:
             raise NotImplementedError("continuing from `written` rows is reference-only; use backend='reference'")
-        return _kernels().fwpkm_scan_rows(q, v, g, keys, values, **{k: x for k, x in kw.items() if k != "written"})
+        return _kernels().fwpkm_scan_rows(q, v, g, keys, values, **{k: x for k, x in kw.items() if k not in ("written", "diagnostics")})
     return reference.fwpkm_scan_rows(q, v, g, keys, values, **kw)
 
 

@@ -142,7 +142,8 @@ def scan_rows(q: Tensor, v: Tensor, g: Tensor, keys: Tensor, values: Tensor, top
                                  addr_loss, per_sequence, detach_writes)))
     with torch.no_grad():
         res = _reference_scan(q, v, g, keys, values, opts)
-    return tuple(t.clone() for t in res)  # outputs of a custom op never alias its inputs
+    return tuple(t.clone() for t in res[:5])  # outputs of a custom op never alias its inputs (the optional
+    # group_idx / diagnostics fields stay None: no memory group, no diagnostics through the op)
 
 
 @scan_rows.register_fake

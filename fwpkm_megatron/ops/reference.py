@@ -157,6 +157,10 @@ class ScanResult(NamedTuple):
     row_values: torch.Tensor   # [U, d_v] their values after the last chunk
     idx: torch.Tensor          # [B, T, H, k] slots read by each token
     group_idx: torch.Tensor | None = None  # [M*B, T, H, k] slots read by the memory group's tokens (M > 1)
+    # with diagnostics=True (else None), detached fp32 scalars, means over the scan's chunks:
+    # addr_loss, the unweighted L_addr (Eqs. 16-18) each chunk's keys saw; fw_mse, mean (v_hat - target)^2
+    # over d_v and the tokens with a target, read before the chunk's write (what the write then reduces)
+    diagnostics: dict[str, torch.Tensor] | None = None
 
 
 def chunk_targets(v: torch.Tensor, start: int, end: int, lookahead: int):
@@ -171,8 +175,37 @@ def chunk_targets(v: torch.Tensor, start: int, end: int, lookahead: int):
     return target, has
 
 
+class ScanDiagnostics:
+    """Running sums of `ScanResult.diagnostics` over a scan's chunks (both backends use it)."""
+
+    def __init__(self, device):
+        self.addr = torch.zeros((), device=device)
+        self.sq_err = torch.zeros((), device=device)
+        self.count = torch.zeros((), device=device)
+        self.chunks = 0
+
+    @torch.no_grad()
+    def add(self, addr_loss, v_hat, target, has) -> None:
+        """addr_loss 0-dim; v_hat, target [B, C, d_v]; has [C] bool (token has a target in the chunk)."""
+        self.addr += addr_loss.float()
+        self.sq_err += ((v_hat.float() - target.float()).square().mean(-1) * has).sum()
+        self.count += has.sum() * v_hat.shape[0]
+        self.chunks += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        mse = torch.where(self.count > 0, self.sq_err / self.count.clamp_min(1), torch.nan)
+        return {"addr_loss": self.addr / max(self.chunks, 1), "fw_mse": mse}
+
+
+def mean_diagnostics(parts: list[ScanResult]) -> dict[str, torch.Tensor] | None:
+    """Per-sequence scans: the mean of each sequence's diagnostics."""
+    if not parts or parts[0].diagnostics is None:
+        return None
+    return {key: torch.stack([p.diagnostics[key] for p in parts]).mean() for key in parts[0].diagnostics}
+
+
 def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, addr_loss_weight,
-                 value_lr, key_lr, score, addr_loss, detach_writes, written=None) -> ScanResult:
+                 value_lr, key_lr, score, addr_loss, detach_writes, written=None, diagnostics=False) -> ScanResult:
     """One state shared by the whole batch, read-then-write per chunk (starting from `written` rows, if any)."""
     B, T, H, _ = q.shape
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys, values))
@@ -180,6 +213,7 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
     if written is not None:
         table.rows, table.row_values = written
     outs, idxs = [], []
+    diag = ScanDiagnostics(q.device) if diagnostics else None
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
         C = end - start
@@ -197,6 +231,8 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
                 key_loss = 0.5 * (B * C / m) * ((gate * has)[..., None] * (v_hat - target).square()).sum()
             (key_grad,) = torch.autograd.grad(key_loss, k_in, retain_graph=differentiable,
                                               create_graph=differentiable and not detach_writes)
+        if diag is not None:
+            diag.add(addressing_loss(addr).detach(), v_hat.detach(), target, has)
         weight = addr.weight.view(B, C, H, top_k)
         if not differentiable:
             v_hat, weight = v_hat.detach(), weight.detach()
@@ -212,7 +248,8 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
             keys = keys.detach()
         outs.append(v_hat)
         idxs.append(idx)
-    return ScanResult(torch.cat(outs, 1), keys, table.rows, table.row_values, torch.cat(idxs, 1))
+    return ScanResult(torch.cat(outs, 1), keys, table.rows, table.row_values, torch.cat(idxs, 1),
+                      diagnostics=None if diag is None else diag.result())
 
 
 class TokenExchange:
@@ -337,7 +374,7 @@ def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, looka
                     key_lr: float = 1.0, score: str = "idw", addr_loss: bool = True,
                     per_sequence: bool = False, detach_writes: bool = False,
                     written: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    exchange: TokenExchange | None = None) -> ScanResult:
+                    exchange: TokenExchange | None = None, diagnostics: bool = False) -> ScanResult:
     """The chunked FwPKM scan, returning the written rows instead of a new full table.
 
     With `per_sequence`, every sequence starts from (keys, values) and its writes are private: the
@@ -347,23 +384,26 @@ def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, looka
     (a sequence-private memory kept as O(rows touched)); the result's rows then include them.
     With an `exchange` (a memory group of M > 1 processes) `values` holds this process's columns of the
     table and the group's sequences are one batch (`_scan_group`); v and the reads keep the full width.
+    `diagnostics` fills `ScanResult.diagnostics` (a few extra reductions per chunk, no host sync; one
+    process's scans only: a memory group's scan leaves it None).
     """
     kw = dict(top_k=top_k, chunk_size=chunk_size, lookahead=lookahead, eps=eps, addr_loss_weight=addr_loss_weight,
               value_lr=value_lr, key_lr=key_lr, score=score, addr_loss=addr_loss, detach_writes=detach_writes,
               written=written)
-    if exchange is not None:
+    if exchange is not None:  # no diagnostics in the group scan
         if not per_sequence:
             return _scan_group(q, v, g, keys, values, exchange, private=False, **kw)
         parts = [_scan_group(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, exchange, private=True, **kw)
                  for b in range(q.shape[0])]  # every process has B sequences: the loop runs in lockstep
     elif not per_sequence:
-        return _scan_shared(q, v, g, keys, values, **kw)
+        return _scan_shared(q, v, g, keys, values, diagnostics=diagnostics, **kw)
     else:
-        parts = [_scan_shared(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, **kw) for b in range(q.shape[0])]
+        parts = [_scan_shared(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, diagnostics=diagnostics, **kw)
+                 for b in range(q.shape[0])]
     no_rows = torch.empty(0, dtype=torch.long, device=values.device)
     group_idx = None if exchange is None else torch.cat([p.group_idx for p in parts])
     return ScanResult(torch.cat([p.v_hat for p in parts]), keys, no_rows, values.new_empty(0, values.shape[1]),
-                      torch.cat([p.idx for p in parts]), group_idx)
+                      torch.cat([p.idx for p in parts]), group_idx, mean_diagnostics(parts))
 
 
 def fwpkm_scan(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead: int = 1, eps: float = 1e-3,

@@ -1,9 +1,9 @@
 """Process groups and megatron's model-parallel state: one process, or a TP x PP x DP world.
 
 `init_single_process(seed)` is what tests, tools and the single-process trainer call before building a
-model: a world-size-1 group, gloo on CPU and NCCL with CUDA (rendezvous through a FileStore in a
-temporary directory, so parallel test runs never race for a port), megatron's `parallel_state` with
-TP = PP = 1, and megatron's RNG tracker seeded from `seed`. `teardown()` undoes it, so tests can start over.
+model: a world-size-1 group, gloo on CPU and NCCL with CUDA (rendezvous through an in-memory HashStore:
+no port to race for and no file to leave behind), megatron's `parallel_state` with TP = PP = 1, and
+megatron's RNG tracker seeded from `seed`. `teardown()` undoes it, so tests can start over.
 
 `init_distributed(parallel, seed)` is the multi-process counterpart: it joins the world named by the
 launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), checks the layout, builds megatron's
@@ -15,8 +15,6 @@ share a data rank, as the streaming loader expects), adds the memory groups of `
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -173,7 +171,6 @@ def current_groups(vpp: int = 1) -> ParallelGroups:
         model_group=group(tp * pp, ps.get_model_parallel_group),
         embedding_group=group(pp, ps.get_embedding_group))
 
-_store_dir: str | None = None   # FileStore directory created here; removed by teardown()
 _owns_process_group = False     # True when init_single_process started torch.distributed
 
 
@@ -187,15 +184,13 @@ def init_single_process(seed: int) -> None:
     Args:
         seed: base seed for `model_parallel_cuda_manual_seed` (also seeds the default torch generator).
     """
-    global _store_dir, _owns_process_group
+    global _owns_process_group
     from megatron.core import parallel_state, tensor_parallel
 
     mcore_cpu.apply()
     select_device()
-    if not dist.is_initialized():
-        _store_dir = tempfile.mkdtemp(prefix="fwpkm_store_")
-        store = dist.FileStore(f"{_store_dir}/store", 1)
-        dist.init_process_group(backend=dist_backend(), store=store, rank=0, world_size=1)  # NCCL with CUDA
+    if not dist.is_initialized():  # a world of one rendezvous with itself: an in-memory store, no file
+        dist.init_process_group(backend=dist_backend(), store=dist.HashStore(), rank=0, world_size=1)  # NCCL with CUDA
         _owns_process_group = True
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
@@ -204,13 +199,10 @@ def init_single_process(seed: int) -> None:
 
 def teardown() -> None:
     """Destroy megatron's parallel state and, if `init_single_process` started it, the process group."""
-    global _store_dir, _owns_process_group
+    global _owns_process_group
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     if _owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
     _owns_process_group = False
-    if _store_dir is not None:
-        shutil.rmtree(_store_dir, ignore_errors=True)
-        _store_dir = None

@@ -23,6 +23,7 @@ at any layout, also in one process; a single-process run keeps the single-proces
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -33,9 +34,11 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from fwpkm_megatron.benign import silence
 from fwpkm_megatron.config import ConfigError, RunConfig, num_microbatches
 from fwpkm_megatron.training import checkpoint as ckpt
 from fwpkm_megatron.training.device import precision_problem, rank_device
+from fwpkm_megatron.training.flops import peak_dtype_name, peak_tflops, training_flops_per_token
 from fwpkm_megatron.training.logging import RunLogger, format_bytes, format_count, format_step_line
 from fwpkm_megatron.training.optim import build_optimizer, clip_grad_norm
 
@@ -55,6 +58,7 @@ class Trainer:
     """
 
     def __init__(self, run: RunConfig, *, console: TextIO | None = None):
+        silence()  # known-benign library warnings (benign.py), also for ranks and library users
         from fwpkm_megatron.data import DataError, build_loader
         from fwpkm_megatron.model import build_model
         from fwpkm_megatron.parallel.groups import init_single_process
@@ -132,6 +136,13 @@ class Trainer:
         except BaseException:
             self.train_stream.close()
             raise
+        self.world_size = world
+        sized = dataclasses.replace(run, model=dataclasses.replace(run.model, vocab_size=self.vocab_size))
+        self.flops_per_token = training_flops_per_token(sized)
+        dtype = peak_dtype_name(next(self.model.parameters()).dtype, self.device.type)
+        self.peak_tflops, source = peak_tflops(self.device, dtype, cfg.peak_tflops)
+        self.peak_note = (f"peak {self.peak_tflops:g} TFLOP/s per device ({source}): MFU logged"
+                          if self.peak_tflops is not None else source)
         quiet = rank != 0  # one console and one event file per run: rank 0 logs
         self.logger = RunLogger(self.tb_dir, purge_step=self.step + 1 if resume_from else None,
                                 stream=console, enabled=not quiet)
@@ -240,13 +251,19 @@ class Trainer:
         Returns:
             The summary dict when the run reached `train.steps`, else None.
         """
+        from fwpkm_megatron.memory import set_memory_diagnostics
+
         cfg = self.run.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         start_time, start_step = time.perf_counter(), self.step
         while self.step < end:
+            logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
+            set_memory_diagnostics(self.model, logged)  # addr loss, MSE, |dV| of this step (memory/)
             metrics = self._train_step()
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            self._log_throughput(metrics)
+            if logged:
                 self._log_memory(self.step)
+                set_memory_diagnostics(self.model, False)
                 self.logger.console(format_step_line(self.step, cfg.steps, metrics))
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 self.evaluate()
@@ -382,6 +399,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- logging
 
+    def _log_throughput(self, metrics: dict[str, float]) -> None:
+        """perf/model_tflops_per_device and, where the device's peak is known, perf/mfu (training/flops.py)."""
+        tflops = self.flops_per_token * metrics["train/tokens_per_s"] / self.world_size / 1e12
+        perf = {"perf/model_tflops_per_device": tflops}
+        if self.peak_tflops is not None:
+            perf["perf/mfu"] = tflops / self.peak_tflops
+        self.logger.scalars(perf, self.step)
+
     def _log_memory(self, step: int) -> None:
         from fwpkm_megatron.memory import gate_histograms, memory_stats
 
@@ -418,6 +443,8 @@ class Trainer:
             if self.engine.sync_bytes:
                 lines.append(f"fast-weight sync between {g.num_mem_groups} memory groups: the rows written in a step,"
                              f" at most {format_bytes(self.engine.sync_bytes)} per step per rank (persistent policy)")
+        lines.append(f"model FLOPs per token: {format_count(self.flops_per_token)} (forward + backward, memory ops"
+                     f" included; docs/performance.md); {self.peak_note}")
         for line in lines:
             self.logger.console(line)
         if fresh:
@@ -425,7 +452,7 @@ class Trainer:
             self.logger.text("run/config", json.dumps(self.run.to_dict(), indent=2))
             self.logger.scalars({"run/tokens_per_step": self.tokens_per_step,
                                  "run/slow_params": slow_numel, "run/fast_params": fast_numel,
-                                 "run/fast_bytes": fast_bytes}, 0)
+                                 "run/fast_bytes": fast_bytes, "run/flops_per_token": self.flops_per_token}, 0)
 
     def _max_over_ranks(self, value: int) -> int:
         """The largest `value` over all ranks (collective in a parallel run)."""

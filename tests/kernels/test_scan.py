@@ -74,6 +74,20 @@ def test_triton_scan_rows_match_reference(device, assert_close):
     assert_close("row_values", ref.row_values, tri.row_values, RATIO)
 
 
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["shared", "perseq"])
+def test_triton_scan_diagnostics_match_reference(per_sequence, device, assert_close):
+    """ScanResult.diagnostics (addr_loss, fw_mse) agree, and the scan still differentiates with them on."""
+    inputs = make_inputs(2, 11, 2, 5, 6, 4, device)
+    kw = dict(top_k=2, chunk_size=4, per_sequence=per_sequence, diagnostics=True)
+    ref, tri = reference.fwpkm_scan_rows(*inputs, **kw), scan.fwpkm_scan_rows(*inputs, **kw)
+    assert set(ref.diagnostics) == set(tri.diagnostics) == {"addr_loss", "fw_mse"}
+    for name in ref.diagnostics:
+        assert not tri.diagnostics[name].requires_grad
+        assert_close(name, ref.diagnostics[name], tri.diagnostics[name], RATIO)
+    assert_close("dq", *(torch.autograd.grad(r.v_hat.sum(), inputs[0])[0] for r in (ref, tri)), RATIO)
+    assert scan.fwpkm_scan_rows(*inputs, top_k=2, chunk_size=4).diagnostics is None
+
+
 def test_triton_scan_under_no_grad_matches_and_builds_no_graph(device, assert_close):
     inputs = make_inputs(2, 10, 2, 5, 6, 4, device)
     ref = reference.fwpkm_scan(*inputs, top_k=2, chunk_size=4)
@@ -176,7 +190,7 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("on a GPU the tests above compile and run every kernel")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TMPDIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",  # ptxas scratch
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     code = f"import runpy; runpy.run_path({str(Path(__file__))!r}, run_name='__compile__')"
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)

@@ -264,6 +264,22 @@ def test_stale_shm_sweep_matches_only_dead_prefixes(tiny):
     live.close()
 
 
+def test_released_stream_removes_its_filelocks_only_with_no_live_prefix_above(tmp_path, monkeypatch):
+    """streaming leaves `<tmp>/<prefix>_*_filelock` behind; a lone process removes its own once no live
+    prefix lies above (a hole below one could stop another job's prefix walk short), later if need be.
+    Only the release step runs here, on its own files: no real segment of any process is touched."""
+    locks = [tmp_path / f"990001_{name}" for name in ("barrier_filelock", "cache_filelock")]
+    for path in locks:
+        path.write_text("")
+    monkeypatch.setattr(stream, "_kept_filelocks", [])
+    monkeypatch.setattr(stream, "_mapped_shm_names", lambda: {"990002_locals", "000001_locals"})
+    stream._release([], ("990001", [str(p) for p in locks]))
+    assert all(p.exists() for p in locks)                      # 990002 is live above: kept
+    monkeypatch.setattr(stream, "_mapped_shm_names", lambda: {"000001_locals"})
+    stream._release([], ("", []))                              # the next release retries
+    assert not any(p.exists() for p in locks) and stream._kept_filelocks == []
+
+
 # ---------------------------------------------------------------- errors and atomicity
 
 def test_each_bad_input_raises_data_error_naming_it(tmp_path, monkeypatch):

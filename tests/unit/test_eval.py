@@ -363,3 +363,22 @@ def test_lm_eval_persistent_never_writes_padding_and_rolling_windows_share_memor
 
     assert abs(got - rolling(True)) < 1e-3, (got, rolling(True))
     assert got > rolling(False) + 1.0, "later windows must read what earlier windows wrote"
+
+
+def test_lm_eval_command_line_runs_on_the_device_that_exists(exported, tmp_path):
+    """`fwpkm-eval lm-eval` without --device: CPU here (lm-eval alone would ask for cuda:0), and a
+    checkpoint given as `path` is exported to a temporary directory that is removed afterwards."""
+    import tempfile
+
+    from fwpkm_megatron.cli import eval as eval_cli
+
+    _write_tasks(tmp_path)
+    before = set(os.listdir(tempfile.gettempdir()))
+    assert eval_cli.main(["lm-eval", "--model", "fwpkm", "--model_args", f"path={exported[0]}",
+                          "--tasks", "fwpkm_tiny_mc", "--include_path", str(tmp_path),
+                          "--output_path", str(tmp_path / "out")]) == 0
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results_*.json")]
+    assert results and "acc,none" in results[0]["results"]["fwpkm_tiny_mc"]
+    assert results[0]["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    leaked = [n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("fwpkm-export-")]
+    assert not leaked

@@ -101,25 +101,89 @@ def _first_chunk_output(block):
     return block(hidden())[: block.cfg.chunk_size]
 
 
+def like_pair(**changes) -> tuple[FwPKMBlock, FwPKMBlock]:
+    """(default block, block with `changes`) starting from the same slow weights and fast-weight state.
+
+    Construction draws random numbers in another order when a switch adds or removes a module (the gate)
+    or changes a shape (heads), so the ablated block takes every default tensor it has: the same-shaped
+    ones whole, and for more heads the default's head as its first head (q_proj rows, sub-keys). Fed the
+    same input, any difference between the two is the switch's doing.
+    """
+    default, ablated = make_block(), make_block(**changes)
+    ours = default.state_dict()
+    with torch.no_grad():
+        for name, tensor in ablated.state_dict().items():
+            if name in ours:
+                tensor[: ours[name].shape[0]].copy_(ours[name])
+    return default, ablated
+
+
+def _first_head(state):
+    return {"keys": state["keys"][:1], "values": state["values"]}
+
+
 ABLATIONS = {
-    # switch: (changes, what must differ from the default)
-    "lookahead0": dict(lookahead=0),
-    "no_addr_loss": dict(addr_loss=False),
-    "no_gate_weighted_loss": dict(gate_weighted_loss=False),
-    "no_value_zscore": dict(value_zscore=False),
-    "dot_scores": dict(score="dot"),
-    "heads4": dict(heads=4),
-    "topk3": dict(topk=3),
-    "no_gate": dict(gate=False),
+    # switch: (changes, the part of the state it must change: keys, values; the other must stay equal)
+    "lookahead0": (dict(lookahead=0), {"values"}),              # targets v_t instead of v_{t+1}
+    "no_addr_loss": (dict(addr_loss=False), {"keys", "values"}),  # the MSE moves the keys (then the reads)
+    "no_gate_weighted_loss": (dict(gate_weighted_loss=False), {"values"}),
+    "no_value_zscore": (dict(value_zscore=False), {"values"}),
+    "dot_scores": (dict(score="dot"), {"keys", "values"}),
+    "heads4": (dict(heads=4), {"keys", "values"}),              # p_bar averages over all heads' rows
+    "topk3": (dict(topk=3), {"keys", "values"}),
+    "no_gate": (dict(gate=False), {"values"}),                  # loss weight 1 instead of g
+    "control": ({}, set()),                                     # no switch: identical, bit for bit
 }
 
 
-@pytest.mark.parametrize("changes", ABLATIONS.values(), ids=ABLATIONS.keys())
-def test_ablation_switch_changes_the_write(changes):
-    default, ablated = _state_after(make_block()), _state_after(make_block(**changes))
-    differs = [not torch.equal(default[k], ablated[k]) if default[k].shape == ablated[k].shape else True
-               for k in ("keys", "values")]
-    assert any(differs)
+@pytest.mark.parametrize("changes,changed", ABLATIONS.values(), ids=ABLATIONS.keys())
+def test_ablation_switch_changes_the_write(changes, changed):
+    """Same initial state, slow weights and input: the switch alone decides what the write changes.
+    The addressing loss depends on the queries only, so switches acting on targets leave keys alone."""
+    default, ablated = (_first_head(_state_after(b)) for b in like_pair(**changes))
+    for part in ("keys", "values"):
+        if part in changed:
+            assert not torch.allclose(default[part], ablated[part], rtol=0, atol=1e-6), f"{part} unchanged"
+        else:
+            torch.testing.assert_close(ablated[part], default[part], rtol=0, atol=0, msg=f"{part} changed")
+
+
+def _set_gate(block: FwPKMBlock, logit: float) -> None:
+    """A constant gate g = sigmoid(logit) for every token."""
+    with torch.no_grad():
+        block.gate_proj.weight.zero_()
+        block.gate_proj.bias.fill_(logit)
+
+
+def test_gate_mixes_read_and_value_and_weights_the_write():
+    """Eq. 12 and App. A.5: g = 1 is exactly the gateless block; g ~ 0 leaves the dense value path and
+    (with gate-weighted loss) no write; a constant g scales the first chunk's write by g."""
+    x = hidden()
+    gated, gateless = like_pair(gate=False)
+    _set_gate(gated, 30.0)                                       # sigmoid(30) == 1 in fp32
+    v0 = gated.state.values.clone()
+    torch.testing.assert_close(gated(x), gateless(x), rtol=0, atol=0)
+    torch.testing.assert_close(gated.state.values, gateless.state.values, rtol=0, atol=0)
+
+    closed, unweighted = like_pair(gate_weighted_loss=False)
+    for block in (closed, unweighted):
+        _set_gate(block, -30.0)                                  # g ~ 1e-13
+    _, v, _ = closed.project(x.transpose(0, 1))
+    dense = closed.out_proj(closed.out_norm(v)).transpose(0, 1)  # the output without the memory
+    torch.testing.assert_close(closed(x), dense, rtol=0, atol=1e-5)
+    torch.testing.assert_close(closed.state.values, v0, rtol=0, atol=1e-10)   # gate-weighted: no write
+    unweighted(x)
+    assert (unweighted.state.values - v0).abs().max() > 1e-3     # unweighted: the write happens anyway
+
+    one_chunk = hidden(s=BASE.chunk_size)
+    deltas = {}
+    for g_logit in (30.0, 0.0):                                  # g = 1 and g = 0.5
+        block, _ = like_pair()
+        _set_gate(block, g_logit)
+        block(one_chunk)
+        deltas[g_logit] = block.state.values - v0
+    assert deltas[30.0].abs().max() > 1e-3
+    torch.testing.assert_close(deltas[0.0], 0.5 * deltas[30.0], rtol=0, atol=1e-6)
 
 
 def test_addr_loss_switch_decides_what_moves_keys():
@@ -202,3 +266,31 @@ def test_static_pkm_reads_and_trains_values():
     touched = pkm.values.grad.abs().sum(-1) > 0
     assert 0 < int(touched.sum()) <= 11 * 3 * 2 * 3, "only read rows get gradient"
     assert pkm.sub_keys.grad.abs().sum() > 0
+
+
+def test_diagnostics_match_their_definitions_and_change_nothing():
+    """addr_loss, fw_mse, read/write magnitudes of a one-chunk forward, recomputed from their definitions
+    (method Eqs. 16-18; the pre-write read against the lookahead target; the stored rows' change), and
+    a forward with diagnostics on equals one without, bit for bit."""
+    from fwpkm_megatron import ops
+
+    x = hidden(s=BASE.chunk_size)
+    plain, block = like_pair()
+    block.diagnostics = True
+    v0, k0 = block.state.values.clone(), block.state.keys.clone()
+    torch.testing.assert_close(block(x), plain(x), rtol=0, atol=0)
+    torch.testing.assert_close(block.state.values, plain.state.values, rtol=0, atol=0)
+    assert plain.last_diagnostics == {} and "fw_mse" not in plain.statistics()
+
+    stats = block.statistics()
+    with torch.no_grad():
+        q, v, _ = block.project(x.transpose(0, 1))
+    B, T = q.shape[:2]
+    addr = ops.pkm_address(q.reshape(B * T, BASE.heads, -1), k0, topk=BASE.topk)
+    assert stats["addr_loss"] == pytest.approx(float(ops.addressing_loss(addr)), rel=1e-5)
+    v_hat = torch.einsum("mhk,mhkd->md", addr.weight, v0[addr.idx]).view(B, T, -1)  # read before the write
+    mse = (v_hat[:, :-1] - v[:, 1:]).square().mean()                                # lookahead 1
+    assert stats["fw_mse"] == pytest.approx(float(mse), rel=1e-5)
+    assert stats["read_abs_mean"] == pytest.approx(float(v_hat.abs().mean()), rel=1e-5)
+    delta = (block.state.values - v0)[torch.unique(addr.idx)]  # a chunk's write covers every row it read
+    assert stats["write_abs_mean"] == pytest.approx(float(delta.abs().mean()), rel=1e-5)

@@ -23,7 +23,9 @@ import pytest
 import torch
 
 RESUME_STEPS = 6
-FINISHED = ("train.steps=6", "train.eval_every=3", "train.save_every=2", "train.keep_last=2")
+PEAK_TFLOPS = 0.5  # an assumed device peak, so MFU is logged on the CPU too
+FINISHED = ("train.steps=6", "train.eval_every=3", "train.save_every=2", "train.keep_last=2",
+            f"train.peak_tflops={PEAK_TFLOPS}")
 
 
 def _assert_same(ref, got, path: str = "state") -> None:
@@ -189,6 +191,41 @@ def test_tensorboard_scalars_read_back(finished_run):
     assert any(t.startswith("memory/layer0/") for t in tags["scalars"]), tags["scalars"]
     assert "memory/layer0/gate" in tags["histograms"]
     assert acc.Scalars("run/tokens_per_step")[0].value == 4 * 32
+
+
+def test_tensorboard_has_throughput_and_per_layer_memory_diagnostics(finished_run, tiny_run):
+    """perf/ scalars follow the documented FLOP count; memory/layer{i}/ has the addressing loss, the
+    fast-weight MSE and the read/write magnitudes at every logged step (log_every=2)."""
+    import dataclasses
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fwpkm_megatron.training.flops import training_flops_per_token
+
+    run_dir, state, _, console = finished_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    run = tiny_run(run_dir, *FINISHED)
+    vocab = state["model"]["embedding.word_embeddings.weight"].shape[0]
+    flops = training_flops_per_token(dataclasses.replace(run, model=dataclasses.replace(run.model, vocab_size=vocab)))
+    assert acc.Scalars("run/flops_per_token")[0].value == pytest.approx(flops, rel=1e-6)
+    assert "model FLOPs per token" in console and "MFU logged" in console
+    tok_s = [e.value for e in acc.Scalars("train/tokens_per_s")]
+    tflops = [e.value for e in acc.Scalars("perf/model_tflops_per_device")]
+    mfu = [e.value for e in acc.Scalars("perf/mfu")]
+    assert [e.step for e in acc.Scalars("perf/mfu")] == list(range(1, RESUME_STEPS + 1))
+    assert tflops == pytest.approx([flops * t / 1e12 for t in tok_s], rel=1e-5)
+    assert mfu == pytest.approx([t / PEAK_TFLOPS for t in tflops], rel=1e-5)
+
+    for key in ("addr_loss", "fw_mse", "read_abs_mean", "write_abs_mean"):
+        events = acc.Scalars(f"memory/layer0/{key}")
+        assert [e.step for e in events] == [2, 4, 6], key
+        assert all(math.isfinite(e.value) for e in events), key
+    num_sub_keys = 8  # fwpkm.num_slots=64
+    addr = [e.value for e in acc.Scalars("memory/layer0/addr_loss")]   # -H(p1) - H(p2) >= -2 log R
+    assert all(-2 * math.log(num_sub_keys) - 1e-4 <= a < 0 for a in addr), addr
+    assert all(e.value > 0 for k in ("fw_mse", "read_abs_mean", "write_abs_mean")
+               for e in acc.Scalars(f"memory/layer0/{k}"))
 
 
 def test_summary_json_has_documented_fields(finished_run):

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reference import ScanResult, chunk_targets
-from .address import address_bwd, address_fwd, addressing_key_grad, addressing_key_hvp
+from ..reference import ScanDiagnostics, ScanResult, chunk_targets, mean_diagnostics
+from .address import _entropy_loss, address_bwd, address_fwd, addressing_key_grad, addressing_key_hvp
 from .read import read_fwd, scatter_rows, segments, token_bwd
 from .write import write_fwd, write_scale
 
@@ -54,6 +54,7 @@ class _Options:
     score: str
     addr_loss: bool
     detach_writes: bool
+    diagnostics: bool = False
 
 
 # ------------------------------------------------------------- torch key step of the addr_loss=False ablation
@@ -110,8 +111,9 @@ class _RowStore:
         return offset
 
 
-def _scan_forward(q, v, g, keys, values, o: _Options, save: bool):
-    """Run the scan; returns (v_hat, keys, rows, row_values, idx) and, with `save`, what the backward needs."""
+def _scan_forward(q, v, g, keys, values, o: _Options, save: bool, sink: list | None = None):
+    """Run the scan; returns (v_hat, keys, rows, row_values, idx) and, with `save`, what the backward needs.
+    With `o.diagnostics` the `ScanResult.diagnostics` dict is appended to `sink`."""
     q, v, g, keys, values = (t.detach() for t in (q, v, g, keys, values))
     B, T, H, d_k = q.shape
     N, D = values.shape
@@ -124,6 +126,7 @@ def _scan_forward(q, v, g, keys, values, o: _Options, save: bool):
     idx_out = torch.empty(B, T, H, k, dtype=torch.long, device=dev)
     K = keys.clone() if save else keys  # saved per chunk: must not follow in-place changes of the caller's
     chunks = []
+    diag = ScanDiagnostics(dev) if o.diagnostics else None
     for start in range(0, T, o.chunk_size):
         end = min(start + o.chunk_size, T)
         C = end - start
@@ -136,6 +139,8 @@ def _scan_forward(q, v, g, keys, values, o: _Options, save: bool):
         idx_out[:, start:end] = idx.view(B, C, H, k)
         target, has = chunk_targets(v, start, end, o.lookahead)
         gate = g[:, start:end]
+        if diag is not None:
+            diag.add(_entropy_loss(top_scores.detach().float(), tops, K.shape[2]), vh.view(B, C, D), target, has)
 
         if o.addr_loss:  # the key step (first order here; the backward adds its second-order term)
             key_grad = addressing_key_grad(qc, K, tops, top_scores, score=o.score, eps=o.eps,
@@ -166,6 +171,8 @@ def _scan_forward(q, v, g, keys, values, o: _Options, save: bool):
     pos = latest[rows]
     row_values = store.buf[pos]
     out = (v_hat, K, rows, row_values, idx_out)
+    if diag is not None and sink is not None:
+        sink.append(diag.result())
     if not save:
         return out, None
     # Snapshot the base rows the scan read: the caller may commit the written rows into `values` in place
@@ -281,8 +288,9 @@ class FwPKMScanFunction(torch.autograd.Function):
     """(q, v, g, keys, values) -> (v_hat, keys', row_values, rows, idx) of one shared-state scan."""
 
     @staticmethod
-    def forward(ctx, q, v, g, keys, values, opts):
-        (v_hat, keys_out, rows, row_values, idx), saved = _scan_forward(q, v, g, keys, values, opts, save=True)
+    def forward(ctx, q, v, g, keys, values, opts, sink):
+        (v_hat, keys_out, rows, row_values, idx), saved = _scan_forward(q, v, g, keys, values, opts, save=True,
+                                                                        sink=sink)
         ctx.save_for_backward(q, v, g, keys, v_hat)  # not values: its rows read are in the saved store
         ctx.saved = saved  # intermediates (row store, per-chunk ids and weights): not inputs or outputs
         ctx.table = (values.shape[0], values.shape[1], values.dtype)
@@ -301,16 +309,17 @@ class FwPKMScanFunction(torch.autograd.Function):
         # under detach_writes v and g reach nothing (as in the reference, where they leave the graph)
         unused = (1, 2) if ctx.opts.detach_writes else ()
         return (*(gr if need and i not in unused else None
-                  for i, (gr, need) in enumerate(zip(grads, ctx.needs_input_grad))), None)
+                  for i, (gr, need) in enumerate(zip(grads, ctx.needs_input_grad))), None, None)
 
 
 def _scan_shared(q, v, g, keys, values, o: _Options) -> ScanResult:
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys, values))
+    sink: list = []  # the diagnostics dict, passed around autograd (not an output)
     if differentiable:
-        v_hat, keys_out, row_values, rows, idx = FwPKMScanFunction.apply(q, v, g, keys, values, o)
+        v_hat, keys_out, row_values, rows, idx = FwPKMScanFunction.apply(q, v, g, keys, values, o, sink)
     else:
-        (v_hat, keys_out, rows, row_values, idx), _ = _scan_forward(q, v, g, keys, values, o, save=False)
-    return ScanResult(v_hat, keys_out, rows, row_values, idx)
+        (v_hat, keys_out, rows, row_values, idx), _ = _scan_forward(q, v, g, keys, values, o, save=False, sink=sink)
+    return ScanResult(v_hat, keys_out, rows, row_values, idx, diagnostics=sink[0] if sink else None)
 
 
 # ------------------------------------------------------------------------------------------- public
@@ -319,14 +328,14 @@ def _scan_shared(q, v, g, keys, values, o: _Options) -> ScanResult:
 def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead: int = 1,
                     eps: float = 1e-3, addr_loss_weight: float = 1.0, value_lr: float = 1.0,
                     key_lr: float = 1.0, score: str = "idw", addr_loss: bool = True,
-                    per_sequence: bool = False, detach_writes: bool = False) -> ScanResult:
+                    per_sequence: bool = False, detach_writes: bool = False, diagnostics: bool = False) -> ScanResult:
     """The chunked FwPKM scan on the Triton kernels, returning the written rows (see `reference.fwpkm_scan_rows`).
 
     Args:
         q: [B, T, H, d_k] queries; v: [B, T, d_v] value targets; g: [B, T] per-token loss weights.
         keys: [H, 2, R, d_k/2] sub-key codebooks; values: [N, d_v] value table, N = R*R (fp32 state).
         top_k, chunk_size, lookahead, eps, addr_loss_weight, value_lr, key_lr, score, addr_loss,
-        per_sequence, detach_writes: as in the reference.
+        per_sequence, detach_writes, diagnostics: as in the reference.
     Returns:
         ScanResult(v_hat [B, T, d_v], keys [H, 2, R, d_k/2], rows [U], row_values [U, d_v], idx [B, T, H, k]).
         Differentiable end to end when any input requires grad; under no_grad the writes are first order.
@@ -342,13 +351,13 @@ def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, looka
     if score not in ("idw", "dot") or chunk_size < 1:
         raise ValueError(f"fwpkm_scan: score={score!r} must be 'idw' or 'dot', chunk_size={chunk_size} >= 1")
     o = _Options(top_k, chunk_size, lookahead, eps, addr_loss_weight, value_lr, key_lr, score, addr_loss,
-                 detach_writes)
+                 detach_writes, diagnostics)
     if not per_sequence:
         return _scan_shared(q, v, g, keys, values, o)
     parts = [_scan_shared(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, o) for b in range(q.shape[0])]
     no_rows = torch.empty(0, dtype=torch.long, device=values.device)
     return ScanResult(torch.cat([p.v_hat for p in parts]), keys, no_rows, values.new_empty(0, values.shape[1]),
-                      torch.cat([p.idx for p in parts]))
+                      torch.cat([p.idx for p in parts]), diagnostics=mean_diagnostics(parts))
 
 
 def fwpkm_scan(q, v, g, keys, values, *, top_k: int, chunk_size: int, lookahead: int = 1, eps: float = 1e-3,

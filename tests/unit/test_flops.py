@@ -1,0 +1,59 @@
+"""training/flops.py: the model FLOP count behind perf/model_tflops_per_device and perf/mfu.
+
+What this proves:
+- on a model without memory layers the count equals torch's FlopCounterMode over a real forward +
+  backward, once the attention scores the kernel computes but the mask discards are added back;
+- the mean keys attended per query is the count of the model's own (windowed) causal mask;
+- the peak table matches devices by name, an override wins, and CPU (or an unknown GPU) gets no MFU.
+Memory-layer terms are the documented formula (docs/performance.md); the reference ops compute dense
+sub-key gradients that the count deliberately leaves out, so FlopCounterMode is no reference for them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_dense_model_flops_match_torch_flop_counter(tiny_run, tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fwpkm_megatron.model import build_model
+    from fwpkm_megatron.parallel.groups import init_single_process
+    from fwpkm_megatron.training.flops import BACKWARD_FACTOR, attention_keys_per_query, training_flops_per_token
+
+    run = tiny_run(tmp_path, "fwpkm.layers=[]", "pkm.layers=[]", "model.vocab_size=512", "model.attention=full")
+    init_single_process(0)
+    model = build_model(run, 512)
+    b, s = 2, run.train.seq_len
+    tokens = torch.randint(0, 512, (b, s + 1), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(s).expand(b, s)
+    with FlopCounterMode(display=False) as counter:
+        model(tokens[:, :-1], positions, attention_mask=None, labels=tokens[:, 1:]).mean().backward()
+    m = run.model
+    # megatron's local attention computes all s x s scores and then masks; the count keeps the causal ones
+    masked = (1 + BACKWARD_FACTOR) * m.num_layers * 4 * m.hidden_size * (s - attention_keys_per_query(run))
+    assert counter.get_total_flops() / (b * s) == pytest.approx(training_flops_per_token(run) + masked, rel=1e-9)
+
+
+@pytest.mark.parametrize("s,window", [(32, None), (32, 8), (31, 40), (7, 1)])
+def test_mean_keys_attended_counts_the_models_mask(s, window):
+    from fwpkm_megatron.model.attention import band_mask
+    from fwpkm_megatron.training.flops import _mean_keys_attended
+
+    visible = (~band_mask(s, s, window, torch.device("cpu"))).sum().item()
+    assert _mean_keys_attended(s, window) == pytest.approx(visible / s, rel=1e-12)
+
+
+def test_peak_table_override_and_no_mfu_without_a_known_peak(monkeypatch):
+    from fwpkm_megatron.training import flops
+
+    peak, why = flops.peak_tflops(torch.device("cpu"), "fp32")
+    assert peak is None and "no MFU" in why
+    assert flops.peak_tflops(torch.device("cpu"), "fp32", override=2.5) == (2.5, "train.peak_tflops")
+    for name, dtype, expected in (("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 PCIe", "bf16", 756.0),
+                                  ("NVIDIA H200", "tf32", 494.7), ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+                                  ("NVIDIA GeForce RTX 9999", "bf16", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert flops.peak_tflops(torch.device("cuda", 0), dtype)[0] == expected, name
+    assert flops.peak_dtype_name(torch.bfloat16, "cuda") == "bf16"
+    assert flops.peak_dtype_name(torch.float32, "cpu") == "fp32"
