@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,8 @@ def init_distributed(parallel: ParallelConfig, seed: int, run=None) -> ParallelG
         backend = _dist_backend(parallel.dist_backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, init_method="env://")
+        dist.init_process_group(backend=backend, init_method="env://",
+                                timeout=timedelta(minutes=parallel.collective_timeout_minutes))
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(

@@ -57,7 +57,12 @@ class Trainer:
         from fwpkm_megatron.data import DataError, build_loader
         from fwpkm_megatron.model import build_model
         from fwpkm_megatron.parallel.groups import init_single_process
+        from fwpkm_megatron.training.preemption import StopRequests
+        from fwpkm_megatron.training.slurm_env import apply_launcher_env
 
+        self.stops = StopRequests(run.train.exit_after_minutes)  # the time budget counts from here
+        self.stop_reason = 0   # preemption.NONE; set when train() stopped on a signal or the time budget
+        apply_launcher_env()   # RANK, WORLD_SIZE, ... from SLURM inside `srun` (torchrun's win)
         self.run = run
         cfg = run.train
         self.run_dir = Path(cfg.run_dir)
@@ -85,6 +90,8 @@ class Trainer:
         kind = ckpt.checkpoint_kind(resume_from) if resume_from is not None else None
         same_layout = True
         self._resume_notes: list[str] = []  # printed once the logger exists
+        if rank == 0:
+            self._resume_notes += ckpt.discard_partial_checkpoints(self.ckpt_root)
         if resume_from is None:
             state, saved_config = None, None
         elif kind == "distributed":
@@ -227,25 +234,30 @@ class Trainer:
     def train(self, stop_at: int | None = None) -> dict[str, Any] | None:
         """Train until `train.steps`, then save, evaluate and write `summary.json`.
 
+        SIGUSR2, SIGTERM and `train.exit_after_minutes` stop the loop at the next step boundary on
+        every rank at once (training/preemption.py); the checkpoint is saved and `stop_reason` set.
+
         Args:
             stop_at: stop early after this many completed steps and save a checkpoint (as a preempted
                 run would); the next Trainer on the same run_dir resumes from it.
         Returns:
             The summary dict when the run reached `train.steps`, else None.
         """
+        self.stops.install()  # recorded signals act at step boundaries only; none kills a final save
+        try:
+            return self._train(stop_at)
+        finally:
+            self.stops.uninstall()
+
+    def _train(self, stop_at: int | None) -> dict[str, Any] | None:
+        from fwpkm_megatron.training.preemption import REASONS
+
         cfg = self.run.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         start_time, start_step = time.perf_counter(), self.step
-        while self.step < end:
-            metrics = self._train_step()
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log_memory(self.step)
-                self.logger.console(format_step_line(self.step, cfg.steps, metrics))
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self.evaluate()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
-                self.save()
-
+        self._loop(end)
+        if self.stop_reason:
+            self.logger.console(f"stop requested ({REASONS[self.stop_reason]}) after step {self.step}")
         if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.step_dir_name(self.step):
             self.save()
         if self.step < cfg.steps:
@@ -258,6 +270,22 @@ class Trainer:
             ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.logger.flush()
         return summary
+
+    def _loop(self, end: int) -> None:
+        cfg = self.run.train
+        while self.step < end:
+            metrics = self._train_step()
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log_memory(self.step)
+                self.logger.console(format_step_line(self.step, cfg.steps, metrics))
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evaluate()
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
+                self.save()
+            if self.step < end:
+                self.stop_reason = self.stops.agree(self.device)  # collective: every rank, every step
+                if self.stop_reason:
+                    return
 
     def _train_step(self) -> dict[str, float]:
         if self.engine is not None:
