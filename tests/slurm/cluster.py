@@ -105,7 +105,13 @@ class LocalCluster:
         raise RuntimeError(f"nodes not idle after {timeout:.0f} s: {out}; logs in {self.dir / 'log'}")
 
     def stop(self) -> None:
-        """SIGTERM each daemon this cluster started (by PID), SIGKILL the ones still alive after 5 s."""
+        """Cancel every job (slurmstepd and srun outlive the daemons otherwise), then SIGTERM each daemon
+        this cluster started (by PID) and SIGKILL the ones still alive after 5 s."""
+        if self._pids:
+            self.run(["scancel", "--full", "--user", "root"])
+            deadline = time.time() + 20
+            while time.time() < deadline and self.run(["squeue", "-h"]).stdout.strip():
+                time.sleep(0.2)
         for pid in self._pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -119,8 +125,8 @@ class LocalCluster:
                 os.kill(pid, signal.SIGKILL)
         self._pids.clear()
 
-    def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60, **kw)
+    def run(self, cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, **kw)
 
     def _write_conf(self) -> None:
         d = self.dir

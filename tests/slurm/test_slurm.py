@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +53,18 @@ def test_two_node_job_matches_local_two_process_run(slurm_cluster, local_referen
     logs = subprocess.run(launch_cmd("logs", str(run_dir), "--task", "1"), env=slurm_cluster.env,
                           capture_output=True, text=True, timeout=60)
     assert "Starting with JobEnvironment" in logs.stdout
+
+
+def test_bare_srun_fwpkm_train_matches_local_two_process_run(slurm_cluster, local_reference, run_overrides,
+                                                            tmp_path):
+    """`srun fwpkm-train` as in launch/sbatch_8gpu.sh: ranks and master address from SLURM's variables."""
+    run_dir = tmp_path / "bare_srun"
+    done = slurm_cluster.run(["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", sys.executable,
+                              "-m", "fwpkm_megatron.cli.train", "--config", CONFIG, *run_overrides,
+                              f"train.run_dir={run_dir}"], timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "parallel layout: 2 processes (TP=1, PP=1, DP=2)" in done.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["losses"] == local_reference["losses"]
 
 
 def test_preempted_job_requeues_itself_and_matches_uninterrupted(slurm_cluster, local_reference, run_overrides,
