@@ -1,4 +1,4 @@
-"""Fixtures of the SLURM tier: one private two-node cluster per session (tests/slurm/cluster.py) and one
+"""Fixtures of the SLURM tier: one private two-node cluster per session (tests/slurm/local_slurm.py) and one
 uninterrupted local 2-process run that the SLURM, preemption and crash tests must reproduce.
 
 Where slurm-wlm cannot be installed the cluster tests skip, and the reason is printed in the summary.
@@ -16,18 +16,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cluster import LocalCluster, ensure_installed  # noqa: E402
+from local_slurm import LocalCluster, ensure_installed  # noqa: E402
+from slurm_common import CONFIG, RUN, launch_cmd  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "tiny.yaml")
-STEPS = 12
-# save often (the crash test restarts from the newest checkpoint), log every step (tests watch progress)
-RUN = [f"train.steps={STEPS}", "train.save_every=2", "train.log_every=1", "train.eval_batches=1"]
 _SKIPPED: list[str] = []
-
-
-def launch_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fwpkm_megatron.cli.launch", *args]
 
 
 @pytest.fixture(scope="session")

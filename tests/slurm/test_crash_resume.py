@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import CONFIG, STEPS, launch_cmd
+from slurm_common import CONFIG, STEPS, launch_cmd
 
 from fwpkm_megatron.cli.launch import TEARDOWN_GRACE_S
 

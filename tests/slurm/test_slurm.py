@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import CONFIG, STEPS, launch_cmd
+from slurm_common import CONFIG, STEPS, launch_cmd
 
 
 def _slurm(cluster, run_dir: Path, overrides, *options: str, wait: bool = True, **kw):
