@@ -1,8 +1,9 @@
 """fwpkm-launch slurm on a real two-node SLURM (slurmctld + two slurmd on 127.0.0.1, submitted through
 submitit): a 2-node x 1-task gloo job equals the local 2-process run step for step; a job sent SIGUSR2
 mid-run checkpoints on every rank, requeues itself, resumes and ends with the uninterrupted losses;
-`train.exit_after_minutes` checkpoints and requeues until `train.max_requeues`; bad requests and a run
-directory owned by a live job are refused before anything is written.
+`train.exit_after_minutes` checkpoints and requeues until `train.max_requeues`; a bare `srun fwpkm-train`
+trains as one world; bad requests and a run directory owned by a live job are refused before anything
+is written; `fwpkm-launch status|cancel|logs` work on a run directory.
 
 A new cluster check goes here and reuses the session's cluster (conftest.py); keep jobs to seconds.
 """
@@ -121,3 +122,12 @@ def test_bad_requests_are_refused_before_anything_is_written(slurm_cluster, run_
         assert done.returncode == 2 and message in done.stderr, (options, done.stderr)
         assert not run_dir.exists()
     assert slurm_cluster.run(["squeue", "-h"]).stdout.strip() == ""  # nothing was submitted
+
+    run_dir = tmp_path / "cancelled"  # and a submitted run is cancelled through its run directory
+    assert _slurm(slurm_cluster, run_dir, run_overrides, wait=False).returncode == 0
+    done = subprocess.run(launch_cmd("cancel", str(run_dir)), env=slurm_cluster.env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    status = subprocess.run(launch_cmd("status", str(run_dir)), env=slurm_cluster.env, capture_output=True,
+                            text=True, timeout=60)
+    assert "CANCELLED" in status.stdout, status.stdout
