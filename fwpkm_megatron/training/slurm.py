@@ -35,7 +35,7 @@ from fwpkm_megatron.config import ConfigError, RunConfig, layout_problems, load_
 
 RECORD = "launch.json"
 SUBMITIT_DIR = "slurm"
-LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "COMPLETING",
+LIVE_STATES = {"UNREACHABLE", "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "COMPLETING",
                "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
 
 
@@ -136,8 +136,8 @@ def plan_launch(config: str, overrides: list[str], request: SlurmRequest, *, swe
         for _, run in runs:
             owner = live_owner(Path(run.train.run_dir))
             if owner:
-                problems.append(f"train.run_dir={run.train.run_dir}: owned by running job {owner} "
-                                f"(`fwpkm-launch cancel {run.train.run_dir}` or choose another run_dir)")
+                problems.append(f"train.run_dir={run.train.run_dir}: owned by running job {owner[0]} ({owner[1]};"
+                                f" `fwpkm-launch cancel {run.train.run_dir}` or choose another run_dir)")
     if problems:
         raise LaunchError(problems)
     return LaunchPlan(request, run_dir, runs, list(argv or sys.argv))
@@ -285,23 +285,32 @@ def read_record(run_dir: str | Path) -> dict[str, Any]:
 
 
 def job_state(job_id: str) -> str:
-    """SLURM's state of a job (scontrol for jobs the controller still holds, else sacct); UNKNOWN if neither knows."""
-    out = _slurm(["scontrol", "show", "job", "-o", job_id])
-    if out:
-        match = re.search(r"\bJobState=(\S+)", out.splitlines()[0])
-        if match:
-            return match[1]
+    """SLURM's state of a job: scontrol for jobs the controller still holds, else sacct; UNKNOWN when
+    neither knows it, UNREACHABLE when the controller does not answer (three tries)."""
+    for attempt in range(3):
+        done = _slurm_run(["scontrol", "show", "job", "-o", job_id])
+        if done is not None and done.returncode == 0:
+            match = re.search(r"\bJobState=(\S+)", done.stdout)
+            if match:
+                return match[1]
+        if done is not None and "invalid job id" in (done.stderr + done.stdout).lower():
+            break  # the controller no longer holds it: ask accounting
+        time.sleep(1 + attempt)
+    else:
+        return "UNREACHABLE"
     out = _slurm(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id])
     return out.split()[0].rstrip("+") if out and out.split() else "UNKNOWN"
 
 
-def live_owner(run_dir: Path) -> str | None:
-    """The id of a live job recorded in `run_dir/launch.json`, or None."""
+def live_owner(run_dir: Path) -> tuple[str, str] | None:
+    """(job id, state) of a live job recorded in `run_dir/launch.json` (or one whose state the controller
+    cannot tell now), else None."""
     if not (run_dir / RECORD).is_file():
         return None
     for job_id in read_record(run_dir).get("job_ids", []):
-        if job_state(job_id) in LIVE_STATES:
-            return job_id
+        state = job_state(job_id)
+        if state in LIVE_STATES:
+            return job_id, state
     return None
 
 
@@ -388,9 +397,13 @@ def wait(run_dir: str | Path, poll_s: float = 2.0, on_change=None) -> int:
     return 1
 
 
-def _slurm(cmd: list[str]) -> str | None:
+def _slurm_run(cmd: list[str]) -> subprocess.CompletedProcess | None:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout if done.returncode == 0 else None
+
+
+def _slurm(cmd: list[str]) -> str | None:
+    done = _slurm_run(cmd)
+    return done.stdout if done is not None and done.returncode == 0 else None
