@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,21 @@ class StopRequests:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    @contextmanager
+    def held(self):
+        """Hold SIGUSR2/SIGTERM in this thread while a checkpoint is written; a held signal is recorded
+        when the block ends. SLURM signals every process of the step, and a helper spawned meanwhile
+        (megatron's checkpoint writer queue) would die of SIGUSR2's default action; it inherits the
+        blocked mask instead."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(_SIGNALS))
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _handle(self, signum: int, frame) -> None:
         reason = _SIGNALS[signum]

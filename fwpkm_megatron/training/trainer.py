@@ -379,6 +379,10 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current state (atomic; prunes to `keep_last`)."""
+        with self.stops.held():  # a signal during the save is taken after it (training/preemption.py)
+            return self._save()
+
+    def _save(self) -> Path:
         if self.groups is None:
             self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(),
                                                         self.run.to_dict(), keep_last=self.run.train.keep_last)

@@ -81,7 +81,8 @@ def test_signals_are_recorded_and_requeue_follows_the_rules():
     stops = StopRequests().install()
     try:
         assert stops.agree() == NONE
-        os.kill(os.getpid(), signal.SIGUSR2)
+        with stops.held():  # held during a save (in this thread), never lost
+            os.kill(os.getpid(), signal.SIGUSR2)
         assert stops.agree() == SIGUSR2
     finally:
         stops.uninstall()
