@@ -41,7 +41,8 @@ def launch_local(nproc: int, config: str, overrides: list[str]) -> int:
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         env.setdefault("OMP_NUM_THREADS", threads)  # ranks share the cores; no oversubscription
         cmd = [sys.executable, "-m", "fwpkm_megatron.cli.train", "--config", config, *overrides]
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))  # one process group per rank
+    groups = [proc.pid for proc in procs]
     status, kill_at = 0, None
     try:
         while procs:
@@ -59,10 +60,21 @@ def launch_local(nproc: int, config: str, overrides: list[str]) -> int:
                 for proc in procs:
                     proc.kill()
             time.sleep(0.1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # ranks checkpoint on SIGTERM at their next step; a second Ctrl-C kills
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         status = 130
+        try:
+            for proc in procs:
+                proc.wait()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        for group in groups:  # helpers a killed rank leaves behind (megatron's spawned checkpoint writer)
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     return status
 
 
