@@ -239,13 +239,15 @@ class TrainConfig:
     global_batch_size: int = 0       # sequences per optimizer step, any layout (micro-batches per DP rank =
                                      # global / (micro_batch_size x DP)); 0 = micro_batch_size x num_microbatches x DP
     peak_tflops: float | None = None  # one device's peak TFLOP/s for MFU; None = training/flops.py's table
+    exit_after_minutes: float = 0.0  # stop, checkpoint (and requeue under SLURM) after this long; 0 = never
+    max_requeues: int = 20           # cap on SLURM requeues (SLURM_RESTART_COUNT) after SIGUSR2 / exit_after
 
     def problems(self) -> list[str]:
         p = []
         for name in ("steps", "micro_batch_size", "seq_len", "eval_batches", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 p.append(f"train.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "threads"):
+        for name in ("warmup_steps", "eval_every", "save_every", "threads", "exit_after_minutes", "max_requeues"):
             if getattr(self, name) < 0:
                 p.append(f"train.{name}={getattr(self, name)}: must be >= 0")
         if not 0 < self.lr or not 0 <= self.min_lr <= self.lr:
@@ -279,12 +281,15 @@ class ParallelConfig:
     layout_independent_init: bool = True  # draw initial weights from one full build, equal at every TP/PP layout
     dist_backend: str = "auto"   # auto (nccl with CUDA, else gloo) | gloo | nccl
     sequence_parallel: bool = False  # megatron's SP over the TP group; not supported here (docs/parallelism.md)
+    collective_timeout_minutes: float = 10.0  # a collective waiting longer (a peer died) raises instead of hanging
 
     def problems(self) -> list[str]:
         p = [f"parallel.{n}={getattr(self, n)}: must be >= 1"
              for n in ("tp", "pp", "vpp", "num_microbatches", "memory_parallel") if getattr(self, n) < 1]
         if self.dp_sync not in DP_SYNC:
             p.append(f"parallel.dp_sync={self.dp_sync!r}: must be one of {DP_SYNC}")
+        if not self.collective_timeout_minutes > 0:
+            p.append(f"parallel.collective_timeout_minutes={self.collective_timeout_minutes}: must be > 0")
         if self.dist_backend not in ("auto", "gloo", "nccl"):
             p.append(f"parallel.dist_backend={self.dist_backend!r}: must be auto, gloo or nccl")
         if self.vpp > 1 and self.pp < 2:

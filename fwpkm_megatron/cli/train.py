@@ -5,6 +5,9 @@
 
 A run whose `train.run_dir` already holds `checkpoints/latest` resumes from it. The config is validated
 before megatron-core and the data stack are imported, so a bad key fails in well under a second.
+Under torchrun, `fwpkm-launch local` or a bare `srun` (SLURM's variables) every process is one rank.
+SIGUSR2, SIGTERM or `train.exit_after_minutes` stop all ranks after the same step with a checkpoint
+(exit status 3); inside a SLURM job SIGUSR2 and the time budget also requeue it (docs/slurm.md).
 """
 from __future__ import annotations
 
@@ -41,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+    if summary is None:  # stopped on a signal or the time budget, with a checkpoint
+        from fwpkm_megatron.training.slurm_job import after_stop
+
+        return after_stop(trainer.stop_reason, run.train.max_requeues)
     if os.environ.get("RANK", "0") != "0":  # a parallel run (fwpkm-launch): rank 0 reports
         return 0
     print(f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} over {summary['steps']} steps"

@@ -15,6 +15,7 @@ share a data rank, as the streaming loader expects), adds the memory groups of `
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -102,7 +103,8 @@ def init_distributed(parallel: ParallelConfig, seed: int, run=None) -> ParallelG
         init_single_process(seed)
     elif not dist.is_initialized():
         select_device()  # cuda:LOCAL_RANK when CUDA is present (the one device rule, training/device.py)
-        dist.init_process_group(backend=dist_backend(parallel.dist_backend), init_method="env://")
+        dist.init_process_group(backend=dist_backend(parallel.dist_backend), init_method="env://",
+                                timeout=timedelta(minutes=parallel.collective_timeout_minutes))
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(

@@ -28,8 +28,10 @@ At the same layout every rank reads its own trainer.pt; at another layout every 
 
 A checkpoint is written into `step_00000123.tmp/` and `os.replace`d into place, then `latest` is
 rewritten through a temporary file, so a crash at any point leaves the previous checkpoint intact and
-`latest` pointing at a complete directory. Every file is loaded with `torch.load(weights_only=True)`:
-RNG states are stored as tensors and plain numbers, never as pickled numpy objects.
+`latest` pointing at a complete directory; the leftovers of an interrupted save (`step_*.tmp`) are
+reported and removed on the next start. Every file is loaded with `torch.load(weights_only=True)`, so
+a checkpoint directory can never run code: RNG states are stored as tensors and plain numbers, never as
+pickled numpy objects, and a ZeRO optimizer state's few plain-data DeepSpeed classes are allowlisted.
 """
 from __future__ import annotations
 
@@ -148,7 +150,11 @@ def _write_state_files(directory: Path, state: dict[str, Any]) -> dict[str, int]
 
 def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
     """Rename a finished temporary step directory into place, move `latest` to it, prune old steps."""
-    if final.exists():  # re-saving a step (e.g. a resumed run that ends where it started)
+    pointer = root / LATEST
+    if final.exists() and pointer.is_file() and pointer.read_text().strip() == final.name:
+        shutil.rmtree(tmp)  # `latest` already names this complete step: never move a directory it names
+        return
+    if final.exists():  # re-saving a step that `latest` does not name (written before a crash moved it)
         stale = root / (final.name + ".old")
         shutil.rmtree(stale, ignore_errors=True)
         os.replace(final, stale)
@@ -308,6 +314,23 @@ def load_sharded_checkpoint(path: str | Path, rank: int, world_size: int) -> tup
 
 # ------------------------------------------------------------------------------------------ loading
 
+def discard_partial_checkpoints(root: str | Path) -> list[str]:
+    """Delete the leftovers of saves that a crash interrupted (`step_*.tmp`, `step_*.old`); one line each.
+
+    `latest` never names them (it moves only after a step directory is complete and renamed), so they
+    hold nothing a resume could use. Called by rank 0 before anything reads the checkpoints.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    notes = []
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and path.suffix in (".tmp", ".old") and STEP_DIR.match(path.stem):
+            shutil.rmtree(path, ignore_errors=True)
+            notes.append(f"ignored and removed {path}: an incomplete checkpoint (a save was interrupted)")
+    return notes
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The step directory `root/latest` points at, or None when there is no `latest` file.
 
@@ -382,7 +405,8 @@ def load_checkpoint_dir(path: Path) -> tuple[dict[str, Any], None]:
         if not file.is_file() or file.stat().st_size != size:
             raise CheckpointError(f"{file}: missing or not {size} bytes (truncated or corrupt)")
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=False)  # ZeRO states hold plain objects
+            with torch.serialization.safe_globals(_deepspeed_globals() if name == "optimizer.pt" else []):
+                obj = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot be loaded (corrupt?): {type(exc).__name__}: {exc}") from None
         if name == "trainer.pt":
@@ -390,3 +414,15 @@ def load_checkpoint_dir(path: Path) -> tuple[dict[str, Any], None]:
         else:
             state[name[:-3]] = obj
     return state, None
+
+
+def _deepspeed_globals() -> list:
+    """The plain-data classes a ZeRO optimizer state pickles (loss scaler, stage enum, fragment address):
+    allowlisted for weights_only loading, so a checkpoint directory can still never run code."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # no DeepSpeed: its states cannot be loaded anyway
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

@@ -62,7 +62,12 @@ class Trainer:
         from fwpkm_megatron.data import DataError, build_loader
         from fwpkm_megatron.model import build_model
         from fwpkm_megatron.parallel.groups import init_single_process
+        from fwpkm_megatron.training.preemption import StopRequests
+        from fwpkm_megatron.training.slurm_env import apply_launcher_env
 
+        self.stops = StopRequests(run.train.exit_after_minutes)  # the time budget counts from here
+        self.stop_reason = 0   # preemption.NONE; set when train() stopped on a signal or the time budget
+        apply_launcher_env()   # RANK, WORLD_SIZE, ... from SLURM inside `srun` (torchrun's win)
         self.run = run
         cfg = run.train
         self.run_dir = Path(cfg.run_dir)
@@ -93,6 +98,8 @@ class Trainer:
         kind = ckpt.checkpoint_kind(resume_from) if resume_from is not None else None
         same_layout = True
         self._resume_notes: list[str] = []  # printed once the logger exists
+        if rank == 0:
+            self._resume_notes += ckpt.discard_partial_checkpoints(self.ckpt_root)
         if resume_from is None:
             state, saved_config = None, None
         elif kind == "distributed":
@@ -245,17 +252,47 @@ class Trainer:
     def train(self, stop_at: int | None = None) -> dict[str, Any] | None:
         """Train until `train.steps`, then save, evaluate and write `summary.json`.
 
+        SIGUSR2, SIGTERM and `train.exit_after_minutes` stop the loop at the next step boundary on
+        every rank at once (training/preemption.py); the checkpoint is saved and `stop_reason` set.
+
         Args:
             stop_at: stop early after this many completed steps and save a checkpoint (as a preempted
                 run would); the next Trainer on the same run_dir resumes from it.
         Returns:
             The summary dict when the run reached `train.steps`, else None.
         """
-        from fwpkm_megatron.memory import set_memory_diagnostics
+        self.stops.install()  # recorded signals act at step boundaries only; none kills a final save
+        try:
+            return self._train(stop_at)
+        finally:
+            self.stops.uninstall()
+
+    def _train(self, stop_at: int | None) -> dict[str, Any] | None:
+        from fwpkm_megatron.training.preemption import REASONS
 
         cfg = self.run.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         start_time, start_step = time.perf_counter(), self.step
+        self._loop(end)
+        if self.stop_reason:
+            self.logger.console(f"stop requested ({REASONS[self.stop_reason]}) after step {self.step}")
+        if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.step_dir_name(self.step):
+            self.save()
+        if self.step < cfg.steps:
+            self.logger.console(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
+            self.logger.flush()
+            return None
+        self.evaluate()
+        summary = self._summary(time.perf_counter() - start_time, start_step)
+        if self.groups is None or self.groups.rank == 0:
+            ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.logger.flush()
+        return summary
+
+    def _loop(self, end: int) -> None:
+        from fwpkm_megatron.memory import set_memory_diagnostics
+
+        cfg = self.run.train
         while self.step < end:
             logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
             set_memory_diagnostics(self.model, logged)  # addr loss, MSE, |dV| of this step (memory/)
@@ -269,19 +306,10 @@ class Trainer:
                 self.evaluate()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
                 self.save()
-
-        if self.last_checkpoint is None or self.last_checkpoint.name != ckpt.step_dir_name(self.step):
-            self.save()
-        if self.step < cfg.steps:
-            self.logger.console(f"stopped at step {self.step}/{cfg.steps}; checkpoint {self.last_checkpoint}")
-            self.logger.flush()
-            return None
-        self.evaluate()
-        summary = self._summary(time.perf_counter() - start_time, start_step)
-        if self.groups is None or self.groups.rank == 0:
-            ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        self.logger.flush()
-        return summary
+            if self.step < end:
+                self.stop_reason = self.stops.agree(self.device)  # collective: every rank, every step
+                if self.stop_reason:
+                    return
 
     def _train_step(self) -> dict[str, float]:
         if self.engine is not None:
@@ -375,6 +403,10 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current state (atomic; prunes to `keep_last`)."""
+        with self.stops.held():  # a signal during the save is taken after it (training/preemption.py)
+            return self._save()
+
+    def _save(self) -> Path:
         if self.groups is None:
             self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, self.step, self.state_dict(),
                                                         self.run.to_dict(), keep_last=self.run.train.keep_last)
