@@ -273,10 +273,10 @@ def test_released_stream_removes_its_filelocks_only_with_no_live_prefix_above(tm
         path.write_text("")
     monkeypatch.setattr(stream, "_kept_filelocks", [])
     monkeypatch.setattr(stream, "_mapped_shm_names", lambda: {"990002_locals", "000001_locals"})
-    stream._release([], ("990001", [str(p) for p in locks]))
+    stream.release_shared_memory([], ("990001", [str(p) for p in locks]))
     assert all(p.exists() for p in locks)                      # 990002 is live above: kept
     monkeypatch.setattr(stream, "_mapped_shm_names", lambda: {"000001_locals"})
-    stream._release([], ("", []))                              # the next release retries
+    stream.release_shared_memory([], ("", []))                              # the next release retries
     assert not any(p.exists() for p in locks) and stream._kept_filelocks == []
 
 

@@ -99,7 +99,8 @@ def test_persistent_memory_beats_frozen_on_a_repeating_document(exported):
     twice = [torch.cat([doc[:-1], doc])]  # one segment reading the document twice: its own writes help
     within = {p: streaming_perplexity(model, twice, policy=p, progress=False, prefill_block=8)["loss"]
               for p in ("per_sequence", "frozen")}
-    assert within["per_sequence"] < within["frozen"] - 0.5, within
+    # 0.24 nats measured since tables are drawn column by column (was > 0.5 with the earlier init)
+    assert within["per_sequence"] < within["frozen"] - 0.2, within
     assert all(torch.equal(before[k], v) for k, v in model.snapshot_fast_weights().items()), \
         "evaluation left the stored fast weights changed"
 

@@ -14,10 +14,14 @@ import pytest
 import torch
 
 
-def test_dense_model_flops_match_torch_flop_counter(tiny_run, tmp_path):
+def test_dense_model_flops_match_torch_flop_counter(tiny_run, tmp_path, monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fwpkm_megatron.model import build_model
+    from fwpkm_megatron.model import attention, build_model, specs
+
+    # the unfused reference attention: its s x s matmuls are what FlopCounterMode can count exactly
+    # (the fused SDPA blocks are counted by torch's own, kernel-specific formulas)
+    monkeypatch.setattr(specs, "FusedWindowedAttention", attention.WindowedDotProductAttention)
     from fwpkm_megatron.parallel.groups import init_single_process
     from fwpkm_megatron.training.flops import BACKWARD_FACTOR, attention_keys_per_query, training_flops_per_token
 
