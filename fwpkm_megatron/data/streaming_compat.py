@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import types
 
-import torch
-
-_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-_library: torch.library.Library | None = None  # must stay referenced, or the schemas are dropped
+from fwpkm_megatron._torchvision_cpu import define_missing_schemas
 
 
 def import_streaming() -> types.ModuleType:
     """Return the `streaming` module, defining the missing torchvision op schemas first if needed.
 
-    Idempotent and harmless where torchvision loads normally (the schemas then already exist).
+    Idempotent and harmless where torchvision loads normally (the schemas then already exist); the
+    schemas are the ones `make env`'s import hook defines (fwpkm_megatron/_torchvision_cpu.py).
     """
-    global _library
-    for name, schema in _SCHEMAS.items():
-        try:
-            getattr(torch.ops.torchvision, name)
-        except (AttributeError, RuntimeError):
-            if _library is None:
-                _library = torch.library.Library("torchvision", "FRAGMENT")
-            _library.define(schema)
+    define_missing_schemas()
     import streaming
 
     return streaming

@@ -31,6 +31,7 @@ import pytest
 from fwpkm_megatron.data import DataError, assemble, prepare, prepare_corpus
 from fwpkm_megatron.data import units as data_units
 from fwpkm_megatron.data.remote import s3_client
+from test_trainer import _train  # build, train, close: one helper for every training test
 
 BUCKET = "fwpkm"
 KW = dict(vocab_size=300, seq_len=32, val_fraction=0.1, seed=1, progress=False)
@@ -160,21 +161,6 @@ def test_bad_s3_input_is_named_before_work_and_keeps_remote_dataset(uploaded, ki
     manifest = prepare_corpus(root / "skipped", inputs=["s3://fwpkm/bad/*.zst"], skip_bad_records=True, **KW)
     assert manifest["report"]["bad_records"] == {"malformed_json": {"count": 1, "first": "s3://fwpkm/bad/x.jsonl.zst:2"}}
     assert manifest["report"]["skipped"]["malformed_json"] == 1 and manifest["source"]["documents"] == 30
-
-
-def _train(run, stop_at=None):
-    """Build a Trainer, train, close; return (trainer, summary, console text)."""
-    import io
-
-    from fwpkm_megatron.training import Trainer
-
-    console = io.StringIO()
-    trainer = Trainer(run, console=console)
-    try:
-        summary = trainer.train(stop_at=stop_at)
-    finally:
-        trainer.close()
-    return trainer, summary, console.getvalue()
 
 
 def test_training_streams_s3_through_cache_limit_and_resumes(uploaded, killed_and_resumed, tiny_run, tmp_path):
