@@ -128,6 +128,11 @@ def test_bad_requests_are_refused_before_anything_is_written(slurm_cluster, run_
     done = subprocess.run(launch_cmd("cancel", str(run_dir)), env=slurm_cluster.env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    status = subprocess.run(launch_cmd("status", str(run_dir)), env=slurm_cluster.env, capture_output=True,
-                            text=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while True:  # COMPLETING: SLURM's transient state while a cancelled job's processes exit
+        status = subprocess.run(launch_cmd("status", str(run_dir)), env=slurm_cluster.env, capture_output=True,
+                                text=True, timeout=60)
+        if "COMPLETING" not in status.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert "CANCELLED" in status.stdout, status.stdout
