@@ -34,6 +34,10 @@ setup(
     extras_require={
         "test": ["pytest>=8", "moto[server]>=5.1"],  # moto: a local S3 endpoint for the data tests
         "eval": ["transformers>=4.57,<6", "lm-eval[hf]>=0.4.13", "matplotlib>=3.8"],
+        # model.mixer=gdn on CUDA: fla's chunked gated-delta-rule kernels (megatron's GatedDeltaNet imports
+        # them) and the fused causal conv. Never installed on CPU: parallel/mcore_cpu.py runs megatron's
+        # torch paths there.
+        "gpu": ["fla-core>=0.6", "causal-conv1d>=1.5"],
     },
     entry_points={
         "console_scripts": [

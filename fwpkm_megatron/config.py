@@ -19,6 +19,7 @@ import yaml
 POLICIES = ("persistent", "persistent_local", "per_sequence")
 DP_SYNC = ("step",)  # persistent under DP; persistent_local is the unsynchronised per-rank mode
 ATTENTION_KINDS = ("full", "swa", "pswa")
+MIXERS = ("attention", "gdn")
 PRECISIONS = ("fp32", "bf16")
 # Keys that moved: the loader names the new place instead of calling them unknown.
 MOVED_KEYS = {"deepspeed.bf16": "train.precision (fp32 | bf16), used by every engine"}
@@ -51,6 +52,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = True
+    mixer: str = "attention"             # token mixer: attention | gdn (megatron-core's Gated DeltaNet, model/gdn.py)
+    attention_layers: list[int] = field(default_factory=list)  # mixer=gdn: 0-indexed layers that keep attention
+                                         # (the hybrid; paper GDN+SWA: [3, 7, 11] of 12); empty = all GDN
+    gdn_conv_kernel: int = 4             # GDN short causal conv over q, k, v (paper: 4)
+    gdn_num_key_heads: int = 8           # GDN q/k heads (paper: 8)
+    gdn_num_value_heads: int = 8         # GDN v/gate heads; a multiple of the key heads (paper: 8)
+    gdn_key_head_dim: int = 64           # d_k of each GDN head's state (paper: 64)
+    gdn_value_head_dim: int = 64         # d_v of each GDN head's state (paper: 64)
 
     def problems(self) -> list[str]:
         p = []
@@ -64,6 +73,7 @@ class ModelConfig:
             p.append(f"model.num_query_groups={self.num_query_groups}: must divide num_attention_heads")
         if self.attention not in ATTENTION_KINDS:
             p.append(f"model.attention={self.attention!r}: must be one of {ATTENTION_KINDS}")
+        p += self._mixer_problems()
         if not 0.0 <= self.pswa_prob <= 1.0:
             p.append(f"model.pswa_prob={self.pswa_prob}: must be in [0, 1]")
         head_dim = self.hidden_size // max(self.num_attention_heads, 1)
@@ -71,6 +81,24 @@ class ModelConfig:
         if not 0.0 < self.rotary_percent <= 1.0 or rotary_dim != int(rotary_dim) or int(rotary_dim) % 2:
             p.append(f"model.rotary_percent={self.rotary_percent}: must be in (0, 1] with head_dim * rotary_percent "
                      f"an even integer (head_dim={head_dim})")
+        return p
+
+    def _mixer_problems(self) -> list[str]:
+        if self.mixer not in MIXERS:
+            return [f"model.mixer={self.mixer!r}: must be one of {MIXERS}"]
+        if self.mixer == "attention":
+            return [f"model.attention_layers={self.attention_layers}: only with model.mixer=gdn (the layers a "
+                    "GDN hybrid keeps as attention); with model.mixer=attention every layer is attention"
+                    ] if self.attention_layers else []
+        p = [f"model.{n}={getattr(self, n)}: must be >= 1" for n in ("gdn_conv_kernel", "gdn_num_key_heads",
+             "gdn_num_value_heads", "gdn_key_head_dim", "gdn_value_head_dim") if getattr(self, n) < 1]
+        if not p and self.gdn_num_value_heads % self.gdn_num_key_heads:
+            p.append(f"model.gdn_num_value_heads={self.gdn_num_value_heads}: must be a multiple of "
+                     f"model.gdn_num_key_heads={self.gdn_num_key_heads} (each q/k head serves value heads)")
+        bad = [i for i in self.attention_layers if not 0 <= i < self.num_layers]
+        if bad or len(set(self.attention_layers)) != len(self.attention_layers):
+            p.append(f"model.attention_layers={self.attention_layers}: must be distinct ids in "
+                     f"[0, model.num_layers={self.num_layers})")
         return p
 
 
@@ -370,6 +398,9 @@ def layout_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
         if m.num_attention_heads % tp or groups % tp:
             p.append(f"parallel.tp={tp}: must divide model.num_attention_heads={m.num_attention_heads}"
                      f" and the query groups ({groups})")
+        if m.mixer == "gdn" and (m.gdn_num_key_heads % tp or m.gdn_num_value_heads % tp):
+            p.append(f"parallel.tp={tp}: must divide model.gdn_num_key_heads={m.gdn_num_key_heads} and "
+                     f"model.gdn_num_value_heads={m.gdn_num_value_heads} (GDN heads are split over TP)")
         ffn = m.ffn_hidden_size or 4 * m.hidden_size
         if ffn % tp:
             p.append(f"parallel.tp={tp}: must divide the MLP width {ffn}")

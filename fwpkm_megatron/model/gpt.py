@@ -24,6 +24,7 @@ from megatron.core.transformer import TransformerConfig
 
 from fwpkm_megatron.config import RunConfig
 from fwpkm_megatron.model.attention import WindowControl
+from fwpkm_megatron.model.gdn import transformer_config_fields as gdn_fields
 from fwpkm_megatron.model.specs import block_spec
 
 
@@ -66,6 +67,7 @@ def transformer_config(run: RunConfig, **overrides) -> TransformerConfig:
         # is megatron's). Always on, so checkpoint keys do not depend on where the memories sit.
         hetereogenous_dist_checkpoint=True,
         cuda_graph_scope=[],                       # the whole layer, if graphs are on (megatron's "full" is deprecated)
+        **gdn_fields(m),                           # model.mixer=gdn: megatron's GatedDeltaNet and its sizes
     )
     fields.update(overrides)
     return TransformerConfig(**fields)

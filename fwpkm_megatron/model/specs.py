@@ -5,9 +5,11 @@ RMSNorm on q and k when on) and changes three slots (style.md 10):
 - every layer's `self_attention.submodules.core_attention` becomes `FusedWindowedAttention`
   (O(T * W) memory) bound to the model's shared `WindowControl`;
 - the `mlp` slot of the layers in `run.pkm.layers` becomes the static PKM (`PKMMLP`, the MLP contract);
+- with `model.mixer: gdn`, the `self_attention` slot of every layer not in `model.attention_layers` becomes
+  megatron's `GatedDeltaNet` (`gdn.gdn_spec`); the layer's `input_layernorm` stays its pre-norm;
 - the layer class becomes `MemoryTransformerLayer`, which adds the FwPKM residual branch *before* the
   token mixer in the layers of `run.fwpkm.layers` (method notes 3.10):
-      h = h + FwPKM(h);  h = h + Attn(norm(h));  h = h + (PKM or MLP)(norm(h))
+      h = h + FwPKM(h);  h = h + (Attn or GDN)(norm(h));  h = h + (PKM or MLP)(norm(h))
   and, in the layers of `run.fwmlp.layers`, the FwMLP baseline's branch in the same place.
 
 All layer ids in the config are 0-indexed and global (megatron's `layer_number` is 1-based and already
@@ -32,6 +34,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 
 from fwpkm_megatron.config import FwMLPConfig, FwPKMConfig, RunConfig
 from fwpkm_megatron.model.attention import FusedWindowedAttention, WindowControl
+from fwpkm_megatron.model.gdn import gdn_layer_ids, gdn_spec
 
 
 class MemoryTransformerLayer(TransformerLayer):
@@ -71,8 +74,11 @@ def _pkm_mlp_spec(run: RunConfig, shard=None) -> ModuleSpec:
     return ModuleSpec(module=PKMMLP, params={"cfg": run.pkm, "shard": shard})
 
 
-def layer_specs(run: RunConfig, window_control: WindowControl, shards=(None, None)) -> list[ModuleSpec]:
+def layer_specs(run: RunConfig, window_control: WindowControl, shards=(None, None),
+                config: TransformerConfig | None = None) -> list[ModuleSpec]:
     """One layer spec per global layer (index = 0-indexed layer id), before any pipeline slicing.
+
+    `config` (the model's TransformerConfig) is needed only with `model.mixer: gdn`.
 
     `shards` = the (FwPKM, PKM) `memory.comm.TableShard` this rank builds its tables as (None: whole)."""
     base = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=run.model.qk_norm)
@@ -87,11 +93,14 @@ def layer_specs(run: RunConfig, window_control: WindowControl, shards=(None, Non
     dense = dataclasses.replace(base.submodules, self_attention=attention, mlp=mlp)
     pkm = dataclasses.replace(dense, mlp=_pkm_mlp_spec(run, shards[1])) if run.pkm.layers else None
     params = {"fwpkm": run.fwpkm, "fwpkm_shard": shards[0], "fwmlp": run.fwmlp}
-    return [
-        ModuleSpec(module=MemoryTransformerLayer, params=params,
-                   submodules=pkm if layer_id in run.pkm.layers else dense)
-        for layer_id in range(run.model.num_layers)
-    ]
+    gdn = gdn_spec(config) if gdn_layer_ids(run.model) else None
+    specs = []
+    for layer_id in range(run.model.num_layers):
+        submodules = pkm if layer_id in run.pkm.layers else dense
+        if layer_id in gdn_layer_ids(run.model):
+            submodules = dataclasses.replace(submodules, self_attention=gdn)
+        specs.append(ModuleSpec(module=MemoryTransformerLayer, params=params, submodules=submodules))
+    return specs
 
 
 def block_spec(run: RunConfig, config: TransformerConfig, window_control: WindowControl,
@@ -102,7 +111,7 @@ def block_spec(run: RunConfig, config: TransformerConfig, window_control: Window
         vp_stage: virtual pipeline stage, or None without interleaving.
         pp_rank: pipeline rank; None reads it from megatron's parallel state.
     """
-    full = layer_specs(run, window_control, shards)
+    full = layer_specs(run, window_control, shards, config)
     if config.pipeline_model_parallel_layout is not None:
         ids = config.pipeline_model_parallel_layout.get_layer_id_list(
             layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)

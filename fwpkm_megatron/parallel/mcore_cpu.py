@@ -38,6 +38,14 @@ Patches, each with the failure it removes:
 `_CpuCuda.current_device()` answers `training.device.rank_device()` (the CPU, or the device a test
 declares as the target), so megatron's allocations follow the model's device.
 
+5. megatron's `GatedDeltaNet` (`model.mixer: gdn`) imports fla (Triton, CUDA only) and refuses to build
+   without it, even though megatron ships pure-PyTorch paths. On CPU `_gdn_torch_paths` points the names
+   its forward calls at torch: `chunk_gated_delta_rule` -> megatron's own `torch_chunk_gated_delta_rule`
+   (the same chunked WY form, chunk 64), `l2norm` -> fla's formula x * rsqrt(sum x^2 + 1e-6) in torch,
+   `causal_conv1d_fn` -> None (megatron then runs its torch `nn.Conv1d`), and unwraps `_apply_gated_norm`
+   from megatron's `torch.compile` (an inductor C++ build per shape on a CPU, for one RMSNorm and a gate).
+   fla-core is never installed on CPU (setup.py extra `gpu`).
+
 Not covered (the project does not use it): `parallel_state.update_pg_timeout`.
 """
 from __future__ import annotations
@@ -64,6 +72,7 @@ _MODULES = (
     "megatron.core.optimizer.clip_grads",                            # grad-norm scalars on device="cuda"
     "megatron.core.optimizer.optimizer",                             # found_inf / scale scalars
     "megatron.core.optimizer.distrib_optimizer",                     # shard buffers on current_device()
+    "megatron.core.ssm.gated_delta_net",                             # conv / A_log / dt_bias on current_device()
 )
 
 _FACTORIES = frozenset({
@@ -188,7 +197,27 @@ def apply() -> None:
     for module in (clip_grads, optimizer, distrib_optimizer):
         if hasattr(module, "clip_grad_by_total_norm_fp32"):
             module.clip_grad_by_total_norm_fp32 = clip
+    _gdn_torch_paths()
     _applied = True
+
+
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6, output_dtype=None) -> torch.Tensor:
+    """fla's `l2norm` in torch: x * rsqrt(sum(x^2) + eps) along `dim`, computed in fp32."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.square().sum(dim, keepdim=True) + eps)
+    return y.to(output_dtype or x.dtype)
+
+
+def _gdn_torch_paths() -> None:
+    """CPU only: megatron's GatedDeltaNet on its torch paths instead of fla's kernels (patch 5)."""
+    from megatron.core.ssm import gated_delta_net as gdn
+
+    gdn.HAVE_FLA = True
+    gdn.l2norm = l2norm
+    gdn.chunk_gated_delta_rule = gdn.torch_chunk_gated_delta_rule
+    gdn.causal_conv1d_fn = None
+    norm = gdn.GatedDeltaNet._apply_gated_norm
+    gdn.GatedDeltaNet._apply_gated_norm = getattr(norm, "_torchdynamo_orig_callable", norm)
 
 
 def _cuda_type_names_during(fn):

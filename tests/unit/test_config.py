@@ -148,3 +148,27 @@ def test_precision_and_optimizer_keys(monkeypatch, tmp_path):
                              f"train.run_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match="train.precision=bf16: this cpu build has no bf16 matmul"):
         trainer.Trainer(run)
+
+
+def test_gdn_mixer_rules_name_the_key():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.mixer=mamba"])
+    assert "model.mixer='mamba': must be one of ('attention', 'gdn')" in info.value.problems
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.attention_layers=[1]"])
+    assert "model.attention_layers=[1]: only with model.mixer=gdn" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.mixer=gdn", "model.attention_layers=[1, 1, 9]", "model.gdn_num_key_heads=3",
+                           "model.gdn_num_value_heads=4", "model.gdn_key_head_dim=0"])
+    text = str(info.value)
+    assert "model.gdn_key_head_dim=0: must be >= 1" in text
+    assert "model.attention_layers=[1, 1, 9]: must be distinct ids in [0, model.num_layers=4)" in text
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.mixer=gdn", "model.gdn_num_key_heads=3", "model.gdn_num_value_heads=4"])
+    assert "model.gdn_num_value_heads=4: must be a multiple of model.gdn_num_key_heads=3" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.mixer=gdn", "model.gdn_num_key_heads=2", "model.gdn_num_value_heads=6",
+                           "parallel.tp=4", "model.num_attention_heads=4", "model.hidden_size=128"])
+    assert "parallel.tp=4: must divide model.gdn_num_key_heads=2 and model.gdn_num_value_heads=6" in str(info.value)
+    run = load_config(None, ["model.mixer=gdn", "model.attention_layers=[3]"])
+    assert (run.model.mixer, run.model.attention_layers) == ("gdn", [3])
