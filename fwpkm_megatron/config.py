@@ -83,6 +83,10 @@ class ModelConfig:
                      f"an even integer (head_dim={head_dim})")
         return p
 
+    def gdn_layers(self) -> list[int]:
+        """0-indexed layers whose mixer is GDN (none with mixer=attention)."""
+        return [i for i in range(self.num_layers) if i not in self.attention_layers] if self.mixer == "gdn" else []
+
     def _mixer_problems(self) -> list[str]:
         if self.mixer not in MIXERS:
             return [f"model.mixer={self.mixer!r}: must be one of {MIXERS}"]

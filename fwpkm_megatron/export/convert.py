@@ -14,6 +14,8 @@ Only consolidated (TP=1, PP=1) state dicts appear here; `layout.py` gathers shar
 | decoder.layers.i.pre_mlp_layernorm.weight              | model.layers.i.post_attention_layernorm.weight |
 | decoder.layers.i.mlp.linear_fc1.weight ([gate; up])    | model.layers.i.mlp.{gate,up}_proj.weight       |
 | decoder.layers.i.mlp.linear_fc2.weight                 | model.layers.i.mlp.down_proj.weight            |
+| decoder.layers.i.self_attention.<GDN tensor>  (GDN)    | model.layers.i.linear_attn.<same>              |
+|   in_proj rows [q k v z beta alpha], conv1d, A_log, dt_bias, out_norm, out_proj (TP=1 layout)            |
 | decoder.layers.i.mlp.<PKM tensor>                      | model.layers.i.mlp.<same>                      |
 | decoder.layers.i.fwpkm.<slow tensor>                   | model.layers.i.fwpkm.<same>                    |
 | decoder.layers.i.fwpkm.state.{keys,values}  (fast)     | fast_weights.layer_i.{keys,values}             |
@@ -78,6 +80,7 @@ def megatron_to_hf(state: dict[str, Any], run: RunConfig) -> dict[str, torch.Ten
     """Consolidated megatron state dict -> export names (see the module table); q/k/v/gate are copies."""
     out: dict[str, torch.Tensor] = {}
     unknown = []
+    gdn = set(run.model.gdn_layers())
     for name, t in state.items():
         if name.endswith("._extra_state") or t is None:
             continue
@@ -91,7 +94,9 @@ def megatron_to_hf(state: dict[str, Any], run: RunConfig) -> dict[str, torch.Ten
         elif (m := _LAYER.match(name)) is not None:
             i, rest = m.group(1), m.group(2)
             pre = f"model.layers.{i}."
-            if rest in _SIMPLE:
+            if rest.startswith("self_attention.") and int(i) in gdn:
+                out[pre + "linear_attn." + rest.removeprefix("self_attention.")] = t
+            elif rest in _SIMPLE:
                 out[pre + _SIMPLE[rest]] = t
             elif rest == "self_attention.linear_qkv.weight":
                 for proj, w in _split_qkv(t, run).items():
@@ -135,7 +140,9 @@ def hf_to_megatron(state: dict[str, torch.Tensor], run: RunConfig) -> dict[str, 
         elif (m := layer.match(name)) is not None:
             i, rest = m.group(1), m.group(2)
             pre = f"decoder.layers.{i}."
-            if rest in inverse_simple:
+            if rest.startswith("linear_attn."):
+                out[pre + "self_attention." + rest.removeprefix("linear_attn.")] = t
+            elif rest in inverse_simple:
                 out[pre + inverse_simple[rest]] = t
             elif rest == "self_attn.q_proj.weight":
                 projections = {p: state[f"model.layers.{i}.self_attn.{p}.weight"]
@@ -167,5 +174,8 @@ def hf_config_fields(run: RunConfig, vocab_size: int, *, policy: str) -> dict[st
         # swa windows every step; pswa and full attend fully at evaluation (model/attention.py)
         attention_window=m.window if m.attention == "swa" else None,
         tie_embeddings=m.tie_embeddings, initializer_range=m.init_std, fwpkm=fwpkm, pkm=pkm,
+        gdn={"layers": m.gdn_layers(), "conv_kernel": m.gdn_conv_kernel, "num_key_heads": m.gdn_num_key_heads,
+             "num_value_heads": m.gdn_num_value_heads, "key_head_dim": m.gdn_key_head_dim,
+             "value_head_dim": m.gdn_value_head_dim},
         fwpkm_policy=policy, fwpkm_update_chunk=None, fwpkm_carry_lookahead=False,
     )

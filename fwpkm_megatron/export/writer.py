@@ -6,7 +6,8 @@
         model.safetensors      slow weights `model.*` (and `lm_head.*` when untied) in --dtype;
                                fast weights `fast_weights.layer_{i}.{keys,values}` in fp32
         tokenizer.json, tokenizer_config.json
-        configuration_fwpkm.py, modeling_fwpkm.py, fwpkm_integrity.py   (copied from export/hf/)
+        configuration_fwpkm.py, modeling_fwpkm.py, fwpkm_integrity.py,
+        fwpkm_attention.py, fwpkm_gdn.py, fwpkm_memory.py               (copied from export/hf/)
         fwpkm_reference.py     byte-identical copy of fwpkm_megatron/ops/reference.py
         fwpkm_training.json    run config, step, tokens seen, data manifest sha256, source checkpoint
         README.md              the same, for people
@@ -33,7 +34,8 @@ from fwpkm_megatron.export.layout import ExportError, read_checkpoint
 from fwpkm_megatron.export.runtime import DTYPES, ensure_transformers_importable, tokenizer_identity
 
 HF_DIR = Path(__file__).parent / "hf"
-HF_CODE_FILES = ("configuration_fwpkm.py", "modeling_fwpkm.py", "fwpkm_integrity.py")
+HF_CODE_FILES = ("configuration_fwpkm.py", "modeling_fwpkm.py", "fwpkm_integrity.py", "fwpkm_attention.py",
+                 "fwpkm_gdn.py", "fwpkm_memory.py")
 REFERENCE_SOURCE = Path(__file__).parents[1] / "ops" / "reference.py"
 REFERENCE_NAME = "fwpkm_reference.py"
 AUTO_MAP = {"AutoConfig": "configuration_fwpkm.FwPKMConfig",

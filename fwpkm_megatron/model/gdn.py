@@ -51,13 +51,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from fwpkm_megatron.config import ModelConfig
 
 
-def gdn_layer_ids(model: ModelConfig) -> list[int]:
-    """0-indexed layers whose mixer is GDN (none with `mixer: attention`)."""
-    if model.mixer != "gdn":
-        return []
-    return [i for i in range(model.num_layers) if i not in model.attention_layers]
-
-
 def transformer_config_fields(model: ModelConfig) -> dict:
     """TransformerConfig fields that select megatron's GDN (`experimental_attention_variant`) and size it.
 
@@ -65,7 +58,7 @@ def transformer_config_fields(model: ModelConfig) -> dict:
     head counts against TP and marks the block heterogeneous for checkpoints from it."""
     if model.mixer != "gdn":
         return {}
-    ids = set(gdn_layer_ids(model))
+    ids = set(model.gdn_layers())
     return dict(
         experimental_attention_variant="gated_delta_net",
         linear_attention_freq=[int(i in ids) for i in range(model.num_layers)],

@@ -34,7 +34,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 
 from fwpkm_megatron.config import FwMLPConfig, FwPKMConfig, RunConfig
 from fwpkm_megatron.model.attention import FusedWindowedAttention, WindowControl
-from fwpkm_megatron.model.gdn import gdn_layer_ids, gdn_spec
+from fwpkm_megatron.model.gdn import gdn_spec
 
 
 class MemoryTransformerLayer(TransformerLayer):
@@ -93,11 +93,12 @@ def layer_specs(run: RunConfig, window_control: WindowControl, shards=(None, Non
     dense = dataclasses.replace(base.submodules, self_attention=attention, mlp=mlp)
     pkm = dataclasses.replace(dense, mlp=_pkm_mlp_spec(run, shards[1])) if run.pkm.layers else None
     params = {"fwpkm": run.fwpkm, "fwpkm_shard": shards[0], "fwmlp": run.fwmlp}
-    gdn = gdn_spec(config) if gdn_layer_ids(run.model) else None
+    gdn_ids = run.model.gdn_layers()
+    gdn = gdn_spec(config) if gdn_ids else None
     specs = []
     for layer_id in range(run.model.num_layers):
         submodules = pkm if layer_id in run.pkm.layers else dense
-        if layer_id in gdn_layer_ids(run.model):
+        if layer_id in gdn_ids:
             submodules = dataclasses.replace(submodules, self_attention=gdn)
         specs.append(ModuleSpec(module=MemoryTransformerLayer, params=params, submodules=submodules))
     return specs

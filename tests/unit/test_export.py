@@ -178,11 +178,11 @@ def test_generate_continues_the_chunked_memory(exported):
 
 
 def test_reference_math_is_shipped_byte_identical(exported):
-    from fwpkm_megatron.export.writer import REFERENCE_NAME, REFERENCE_SOURCE
+    from fwpkm_megatron.export.writer import HF_CODE_FILES, REFERENCE_NAME, REFERENCE_SOURCE
 
     _, _, out = exported
     assert (out / REFERENCE_NAME).read_bytes() == REFERENCE_SOURCE.read_bytes()
-    for name in ("modeling_fwpkm.py", "configuration_fwpkm.py", "fwpkm_integrity.py", REFERENCE_NAME):
+    for name in (*HF_CODE_FILES, REFERENCE_NAME):
         tree = ast.parse((out / name).read_text())
         imported = {n.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for n in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
@@ -294,16 +294,17 @@ def test_blockwise_prefill_equals_one_pass(exported, policy):
     _close(whole[:, -3:], keep, "logits_to_keep over blocks")
 
 
-def _modeling(out):
-    """The exported copy of modeling_fwpkm.py, as transformers imported it."""
+def _attention_module(out):
+    """The exported copy of fwpkm_attention.py, as transformers imported it (with modeling_fwpkm.py)."""
     import sys
 
-    return sys.modules[type(_hf(out)).__module__]
+    modeling = sys.modules[type(_hf(out)).__module__]
+    return sys.modules[modeling.Attention.__module__]
 
 
 def test_sdpa_attention_matches_explicit_scores(exported, monkeypatch):
     """causal_attention (SDPA, query blocks) equals softmax over an explicit masked score matrix."""
-    modeling = _modeling(exported[2])
+    modeling = _attention_module(exported[2])
     g = torch.Generator().manual_seed(4)
     B, nh, nkv, T, hd, kept = 2, 6, 3, 13, 8, 9
     q = torch.randn(B, nh, T, hd, generator=g)
@@ -324,7 +325,7 @@ def test_sdpa_attention_matches_explicit_scores(exported, monkeypatch):
 
 
 def test_rope_scaling_linear_and_yarn(exported):
-    rope_inv_freq = _modeling(exported[2]).rope_inv_freq
+    rope_inv_freq = _attention_module(exported[2]).rope_inv_freq
 
     base, _ = rope_inv_freq(64, 10000.0)
     lin, f = rope_inv_freq(64, 10000.0, {"type": "linear", "factor": 4})

@@ -2,7 +2,9 @@
 
 Copied verbatim into every export directory by `fwpkm-export`; imports only `transformers`.
 The backbone fields use the usual transformers names; `fwpkm` and `pkm` hold the memory layers'
-settings exactly as the training config (`fwpkm_megatron.config.FwPKMConfig` / `PKMConfig`) had them.
+settings exactly as the training config (`fwpkm_megatron.config.FwPKMConfig` / `PKMConfig`) had them;
+`gdn` lists the Gated DeltaNet layers and their sizes ({"layers": [...], "conv_kernel", "num_key_heads",
+"num_value_heads", "key_head_dim", "value_head_dim"}; no layers: every mixer is attention).
 
 Test-time memory behaviour (override with `from_pretrained(DIR, trust_remote_code=True, fwpkm_policy=...)`):
     fwpkm_policy           "per_sequence": every new sequence starts from the exported fast weights and
@@ -48,7 +50,7 @@ class FwPKMConfig(PretrainedConfig):
                  rope_theta: float = 10000.0, rms_norm_eps: float = 1e-5, attention_window: int | None = None,
                  rotary_percent: float = 1.0, qk_norm: bool = False, attention_output_gate: bool = False,
                  tie_embeddings: bool = True, initializer_range: float = 0.02, fwpkm: dict | None = None,
-                 pkm: dict | None = None, fwpkm_policy: str = "per_sequence", fwpkm_update_chunk: int | None = None,
+                 pkm: dict | None = None, gdn: dict | None = None, fwpkm_policy: str = "per_sequence", fwpkm_update_chunk: int | None = None,
                  fwpkm_carry_lookahead: bool = False, use_cache: bool = True, prefill_block: int | None = None,
                  fwpkm_rope_scaling: dict | None = None, tokenizer_vocab_size: int | None = None,
                  fwpkm_tokenizer_sha256: str | None = None, **kwargs):
@@ -69,6 +71,7 @@ class FwPKMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.fwpkm = dict(fwpkm or {"layers": []})
         self.pkm = dict(pkm or {"layers": []})
+        self.gdn = dict(gdn or {"layers": []})
         if fwpkm_policy not in POLICIES:
             raise ValueError(f"fwpkm_policy={fwpkm_policy!r}: must be one of {POLICIES}")
         if fwpkm_update_chunk is not None and int(fwpkm_update_chunk) < 1:
