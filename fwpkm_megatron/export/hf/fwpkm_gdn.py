@@ -30,6 +30,10 @@ L2NORM_EPS = 1e-6   # fla's l2norm default, used by megatron
 CHUNK = 64          # megatron's torch_chunk_gated_delta_rule chunk size
 
 
+def _fp32_or_wider(t):
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def l2norm(x):
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)
@@ -39,11 +43,11 @@ def recurrent_delta_rule(q, k, v, g, beta, state):
     """Token-by-token gated delta rule (the definition).
 
     q, k [B, T, H, dk] (L2-normalised), v [B, T, H, dv], g, beta [B, T, H], state [B, H, dk, dv]
-    -> o [B, T, H, dv] (fp32), the state after the last token (fp32).
+    -> o [B, T, H, dv], the state after the last token (both fp32, or fp64 for fp64 inputs).
     """
-    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    q, k, v, g, beta = (_fp32_or_wider(t) for t in (q, k, v, g, beta))
     q = q * q.shape[-1] ** -0.5
-    state, out = state.float(), []
+    state, out = _fp32_or_wider(state), []
     for t in range(q.shape[1]):
         state = state * g[:, t].exp()[..., None, None]
         delta = (v[:, t] - (state * k[:, t, :, :, None]).sum(-2)) * beta[:, t, :, None]   # [B, H, dv]
@@ -56,7 +60,7 @@ def chunked_delta_rule(q, k, v, g, beta, state, chunk: int = CHUNK):
     """The same recurrence in chunks of `chunk` tokens (megatron's `torch_chunk_gated_delta_rule`, WY form),
     starting from `state`. Shapes as `recurrent_delta_rule`; T need not be a multiple of `chunk`."""
     B, T, H, dk = k.shape
-    q, k, v, beta, g = (t.transpose(1, 2).float() for t in (q, k, v, beta, g))   # [B, H, T, ...]
+    q, k, v, beta, g = (_fp32_or_wider(t.transpose(1, 2)) for t in (q, k, v, beta, g))   # [B, H, T, ...]
     pad = (chunk - T % chunk) % chunk
     q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     beta, g = F.pad(beta, (0, pad)), F.pad(g, (0, pad))
@@ -73,7 +77,7 @@ def chunked_delta_rule(q, k, v, g, beta, state, chunk: int = CHUNK):
     attn = attn + torch.eye(chunk, dtype=attn.dtype, device=attn.device)
     v = attn @ v_beta
     k_cumdecay = attn @ (k_beta * g.exp()[..., None])
-    state, out = state.float(), torch.zeros_like(v)
+    state, out = _fp32_or_wider(state), torch.zeros_like(v)
     strict = torch.triu(upper, diagonal=1)
     for n in range(q.shape[2]):
         q_n, k_n = q[:, :, n], k[:, :, n]
