@@ -49,6 +49,20 @@ def pkm_forward_flops(cfg: PKMConfig, hidden: int) -> float:
     return 2 * hidden * H * d_k + 2 * H * R * d_k + 2 * H * k * d_v + 4 * hidden * d_v
 
 
+def gdn_forward_flops(m, hidden: int) -> float:
+    """Forward FLOPs per token of one Gated DeltaNet mixer (model/gdn.py), counted as the recurrence:
+
+    in_proj      2h (2 Hk dk + 2 Hv dv + 2 Hv)   (q, k, v, output gate z, beta, alpha)
+    conv         2 K (2 Hk dk + Hv dv)          (depthwise, kernel K, over q, k, v)
+    recurrence   6 Hv dk dv                     (S^T k, the rank-1 write, S^T q; the chunked form's
+                                                 intra-chunk matmuls are an implementation cost)
+    out_proj     2 Hv dv h
+    """
+    qk, v = m.gdn_num_key_heads * m.gdn_key_head_dim, m.gdn_num_value_heads * m.gdn_value_head_dim
+    return (2 * hidden * (2 * qk + 2 * v + 2 * m.gdn_num_value_heads) + 2 * m.gdn_conv_kernel * (2 * qk + v)
+            + 6 * m.gdn_num_value_heads * m.gdn_key_head_dim * m.gdn_value_head_dim + 2 * v * hidden)
+
+
 def forward_flops_per_token(run: RunConfig) -> float:
     """Forward FLOPs per token of the whole model (see `training_flops_per_token`)."""
     m = run.model
@@ -59,7 +73,8 @@ def forward_flops_per_token(run: RunConfig) -> float:
     attention = (2 * h * (h + 2 * groups * head_dim) + 2 * h * h              # QKV and output projections
                  + 4 * h * attention_keys_per_query(run))                      # scores and weighted values
     mlp = 3 * 2 * h * ffn                                                       # SwiGLU: fc1 (2 ffn wide), fc2
-    total = L * attention
+    gdn = len(m.gdn_layers())
+    total = (L - gdn) * attention + gdn * gdn_forward_flops(m, h)
     total += sum(pkm_forward_flops(run.pkm, h) if i in run.pkm.layers else mlp for i in range(L))
     total += len(run.fwpkm.layers) * fwpkm_forward_flops(run.fwpkm, h)
     return total + 2 * h * _vocab_size(run)                                     # LM head (embedding: a lookup)
@@ -70,7 +85,8 @@ def training_flops_per_token(run: RunConfig) -> float:
 
     F = L [2h(h + 2 g d_h) + 2h^2 + 4h c]            attention (g KV groups of width d_h; c = mean keys
                                                      attended per query: (s+1)/2 causal, less with a window,
-                                                     pSWA's expectation over windowed/full steps)
+                                                     pSWA's expectation over windowed/full steps); a GDN
+                                                     layer counts `gdn_forward_flops` instead
       + sum over layers of 6 h f (SwiGLU MLP) or the static PKM's FLOPs (`pkm_forward_flops`)
       + per FwPKM layer `fwpkm_forward_flops`         (projections, addressing, read, value write, key step)
       + 2 h V                                         LM head

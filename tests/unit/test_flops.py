@@ -61,3 +61,22 @@ def test_peak_table_override_and_no_mfu_without_a_known_peak(monkeypatch):
         assert flops.peak_tflops(torch.device("cuda", 0), dtype)[0] == expected, name
     assert flops.peak_dtype_name(torch.bfloat16, "cuda") == "bf16"
     assert flops.peak_dtype_name(torch.float32, "cpu") == "fp32"
+
+
+def test_gdn_layers_count_their_projections_conv_and_recurrence():
+    from pathlib import Path
+
+    from fwpkm_megatron.config import load_config
+    from fwpkm_megatron.training.flops import forward_flops_per_token, gdn_forward_flops
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "paper-gdn-112m-baseline.yaml"
+    gdn = load_config(config, ["model.vocab_size=32000"])
+    # h 768, 8 q/k and 8 v heads of 64, kernel 4: in_proj 2*768*(1024+1024+16), conv 2*4*(1024+512),
+    # recurrence 6*8*64*64, out_proj 2*512*768
+    assert gdn_forward_flops(gdn.model, 768) == 3_170_304 + 12_288 + 196_608 + 786_432
+    hybrid = load_config(config, ["model.vocab_size=32000", "model.attention_layers=[3,7,11]"])
+    attention = load_config(config, ["model.vocab_size=32000", "model.mixer=attention"])
+    per_attention_layer = (forward_flops_per_token(attention) - forward_flops_per_token(gdn)) / 12 \
+        + gdn_forward_flops(gdn.model, 768)
+    assert forward_flops_per_token(hybrid) == pytest.approx(forward_flops_per_token(gdn) + 3 * (
+        per_attention_layer - gdn_forward_flops(gdn.model, 768)), rel=1e-12)
