@@ -1,6 +1,6 @@
 """The Gated DeltaNet mixer (megatron-core's GatedDeltaNet, `model.mixer: gdn`) under parallel layouts (gloo,
-forked ranks): TP=2 (GDN heads split, megatron's per-part in_proj layout) and PP=2 (1F1B) each equal one
-process, from the same layout-independent initial weights (model/gdn.py).
+forked ranks): TP=2 (GDN heads split, megatron's per-part in_proj layout), PP=2 (1F1B) and full activation
+recomputation each equal one process, from the same layout-independent initial weights (model/gdn.py).
 
 A 4-layer GDN hybrid (attention at layer 3, FwPKM branch before the GDN mixer of layer 1), 3 AdamW steps of
 2 micro-batches. Tolerance 1e-5 relative (sharded sums and all-reduces reorder fp32 additions).
@@ -77,3 +77,5 @@ def test_gdn_tp2_and_pp2_match_one_process():
     pp = run_ranks(train, 2, ["parallel.pp=2"])
     assert_metrics_close(ref[0], pp[0][0], "GDN PP=2 vs PP=1")
     assert pp[0][0] == pp[1][0]
+    recompute = run_ranks(train, 1, ["parallel.recompute=true"])[0]
+    assert_metrics_close(ref[0], recompute[0], "GDN with full recompute vs without")
