@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/step.py [--config configs/tiny.yaml] [--steps 10] [--threads 1]
 
-Prints a table of median forward+backward+AdamW step times and their ratio to the plain model.
-Synthetic token batches (the data path is measured by bench/data.py).
+Prints a table of median forward+backward+AdamW step times and their ratio to the plain model; the
+variants take turns step by step. With a GDN config (configs/tiny-gdn.yaml) an all-attention variant of
+the same model is added. Synthetic token batches (the data path is measured by bench/data.py).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -26,7 +28,8 @@ VARIANTS = {
 }
 
 
-def time_steps(run, vocab: int, steps: int) -> float:
+def stepper(run, vocab: int):
+    """A closure running one forward+backward+AdamW step of a fresh model for `run`, returning its seconds."""
     torch.manual_seed(0)
     model = build_model(run, vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -34,15 +37,25 @@ def time_steps(run, vocab: int, steps: int) -> float:
     tokens = torch.randint(0, vocab, (b, s + 1))
     positions = torch.arange(s).expand(b, s)
     model.window_control.begin_step(0, 0, training=True)
-    times = []
-    for _ in range(steps + 2):
+
+    def step() -> float:
         t0 = time.perf_counter()
         loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])  # the first two steps warm allocators
+        return time.perf_counter() - t0
+    return step
+
+
+def time_interleaved(steppers: dict, steps: int) -> dict:
+    """Median seconds per step of each variant, the variants taking turns step by step (a shared machine's
+    load then hits them alike); the first two rounds warm allocators and are dropped."""
+    times = {name: [] for name in steppers}
+    for _ in range(steps + 2):
+        for name, step in steppers.items():
+            times[name].append(step())
+    return {name: statistics.median(t[2:]) for name, t in times.items()}
 
 
 def main() -> None:
@@ -54,17 +67,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     init_single_process(0)
-    rows = []
-    for name, overrides in VARIANTS.items():
-        run = load_config(args.config, overrides)
-        rows.append((name, time_steps(run, args.vocab, args.steps)))
-    base = rows[0][1]
+    variants = dict(VARIANTS)
     run = load_config(args.config)
+    if run.model.mixer == "gdn":  # the same model with attention in every layer, for the backbone's cost
+        variants["attention mixer, no memory"] = ["model.mixer=attention", "model.attention_layers=[]",
+                                                  "fwpkm.layers=[]", "pkm.layers=[]"]
+    steppers = {name: stepper(load_config(args.config, overrides), args.vocab) for name, overrides in variants.items()}
+    rows = list(time_interleaved(steppers, args.steps).items())
+    base = rows[0][1]
     tok = run.train.micro_batch_size * run.train.seq_len
     print(f"config {args.config}: {tok} tokens/step, {args.threads} thread(s), median of {args.steps} steps")
     print(f"{'variant':<28} {'ms/step':>9} {'tokens/s':>10} {'x no-memory':>12}")
     for name, t in rows:
         print(f"{name:<28} {t * 1e3:>9.1f} {tok / t:>10,.0f} {t / base:>12.2f}")
+    print(f"load average {os.getloadavg()}")
 
 
 if __name__ == "__main__":
