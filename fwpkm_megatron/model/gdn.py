@@ -100,7 +100,7 @@ class GatedDeltaNetMixer(mcore_gdn.GatedDeltaNet):
         end = torch.default_generator.get_state()
         self.out_norm.tp_group = self.pg_collection.tp
         if config.perform_initialization:
-            torch.default_generator.set_state(start)  # megatron's local-size conv draw left no trace
+            torch.default_generator.set_state(start)  # rewind: the full-size draws below replace megatron's
             self._draw_full_and_slice()
         else:
             torch.default_generator.set_state(end)
