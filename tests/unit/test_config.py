@@ -172,3 +172,19 @@ def test_gdn_mixer_rules_name_the_key():
     assert "parallel.tp=4: must divide model.gdn_num_key_heads=2 and model.gdn_num_value_heads=6" in str(info.value)
     run = load_config(None, ["model.mixer=gdn", "model.attention_layers=[3]"])
     assert (run.model.mixer, run.model.attention_layers) == ("gdn", [3])
+
+
+def test_gdn_configs_validate_with_the_paper_layouts():
+    from fwpkm_megatron.config import layout_problems
+
+    rows = {"paper-gdn-112m.yaml": ([2, 10], [6], []), "paper-gdn-112m-baseline.yaml": ([], [], []),
+            "paper-gdn-112m-pkm.yaml": ([], [2, 6, 10], []), "paper-gdn-fwmlp-112m.yaml": ([], [], [2, 6, 10])}
+    for name, (fwpkm, pkm, fwmlp) in rows.items():
+        run = load_config(REPO / "configs" / name)
+        assert run.model.gdn_layers() == list(range(12)), name  # the paper's all-GDN layout
+        assert (run.fwpkm.layers, run.pkm.layers, run.fwmlp.layers) == (fwpkm, pkm, fwmlp), name
+        assert layout_problems(run, 8) == [] and run.train.global_batch_size == 128, name
+    hybrid = load_config(REPO / "configs" / "paper-gdn-112m.yaml", ["model.attention_layers=[3,7,11]"])
+    assert hybrid.model.gdn_layers() == [0, 1, 2, 4, 5, 6, 8, 9, 10]  # GDN+SWA: memories at GDN layers
+    tiny = load_config(REPO / "configs" / "tiny-gdn.yaml")
+    assert tiny.model.gdn_layers() == [0, 1, 2] and tiny.fwpkm.layers == [1, 2]
