@@ -8,6 +8,9 @@
 #   paper      12 x 768, 4K tokens, FwPKM@2,10 + PKM@6, bf16 through megatron (Float16Module + DDP): tokens/s, MFU,
 #              peak memory over 20 steps
 #   paper_nomem  the same model without memory layers; the summary gives the throughput ratio
+#   gdn        one Gated DeltaNet layer at the paper's size: megatron's GatedDeltaNet on fla's kernels vs the
+#              export's torch form, fp32 and bf16 differences and fwd+bwd times (bench/gdn.py); runs only
+#              where fla-core is installed (pip install '.[gpu]'), else its status records why not
 # Every stage runs even when an earlier one failed, and its result is recorded as soon as it ends:
 # $OUT/gpu_check/<stage>.log and <stage>.json, merged into $OUT/gpu_check.json after each stage
 # ($OUT unset: build/gpu_check). Exit status != 0 if any stage failed.
@@ -71,5 +74,12 @@ stage kbench 110 "$PY" bench/kernels.py --preset paper --check --reps 10
 stage tiny 60 "$PY" bench/gpu_train.py tiny --json "$DIR/tiny.json"
 stage paper 120 "$PY" bench/gpu_train.py paper --steps 20 --json "$DIR/paper.json"
 stage paper_nomem 60 "$PY" bench/gpu_train.py paper --no-memory --steps 20 --json "$DIR/paper_nomem.json"
+if "$PY" -c 'import fla' > /dev/null 2>&1; then
+  stage gdn 120 "$PY" bench/gdn.py --json "$DIR/gdn.json"
+else
+  echo "== gdn not run: fla-core is not installed (pip install '.[gpu]')"
+  printf '{"rc": null, "not_run": "fla-core is not installed"}\n' > "$DIR/gdn.status.json"
+  merge
+fi
 echo "results: $ROOT/gpu_check.json"
 exit $status
