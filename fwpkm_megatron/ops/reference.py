@@ -31,20 +31,21 @@ class Address(NamedTuple):
 def subkey_scores(q: torch.Tensor, keys: torch.Tensor, *, score: str = "idw", eps: float = 1e-3):
     """Scores of each query half against its codebook (method Eq. 11 / App. A.2).
 
-    q [M, H, d_k], keys [H, 2, R, d_k/2] -> (s1, s2), each [M, H, R].
+    q [M, H, d_k], keys [H, 2, R, d_k/2] -> (s1, s2), each [M, H, R]. Leading dims S... on both
+    (q [S, M, H, d_k], keys [S, H, 2, R, d_k/2]) score independent streams, each with its own keys.
     idw: -log(eps + ||q_m - K_m,i||^2); dot: q_m . K_m,i.
     """
     half = keys.shape[-1]
     out = []
     for m in range(2):
-        qm = q[..., m * half:(m + 1) * half]                      # [M, H, d_k/2]
-        km = keys[:, m]                                           # [H, R, d_k/2]
-        dot = torch.einsum("mhd,hrd->mhr", qm, km)
+        qm = q[..., m * half:(m + 1) * half]                      # [..., M, H, d_k/2]
+        km = keys.select(-3, m)                                   # [..., H, R, d_k/2]
+        dot = torch.einsum("...mhd,...hrd->...mhr", qm, km)
         if score == "dot":
             out.append(dot)
             continue
         # ||q - K||^2 expanded; clamp guards tiny negative round-off (a smooth form, unlike cdist at 0)
-        dist2 = (qm.square().sum(-1, keepdim=True) - 2 * dot + km.square().sum(-1)[None]).clamp_min(0)
+        dist2 = (qm.square().sum(-1, keepdim=True) - 2 * dot + km.square().sum(-1).unsqueeze(-3)).clamp_min(0)
         out.append(-torch.log(eps + dist2))
     return out[0], out[1]
 
@@ -55,9 +56,9 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
 
     Top-k sub-keys per codebook, the k*k candidate sums, top-k of those, then softmax (temperature 1)
     jointly over the H*k entries (FwPKM) or within each head (static PKM, `joint_softmax=False`).
-    q [M, H, d_k], keys [H, 2, R, d_k/2].
+    q [M, H, d_k], keys [H, 2, R, d_k/2]; or per stream, q [S, M, H, d_k] and keys [S, H, 2, R, d_k/2].
     """
-    R = keys.shape[2]
+    R = keys.shape[-2]
     s1, s2 = subkey_scores(q, keys, score=score, eps=eps)
     v1, i1 = s1.topk(topk, dim=-1)                                # [M, H, k]
     v2, i2 = s2.topk(topk, dim=-1)
@@ -83,13 +84,14 @@ def addressing_loss(address: Address) -> torch.Tensor:
     """Marginal-entropy addressing loss (method Eqs. 16-18): -H(p1_bar) - H(p2_bar).
 
     Each row's sub-scores outside its codebook top-k are masked, softmaxed over R, and averaged over
-    all M*H rows of the chunk (every token, including those without a target).
+    all M*H rows of the chunk (every token, including those without a target). An address of S
+    streams ([S, M, H, R] scores) gives each stream's loss, [S].
     """
     loss = 0.0
     for s, top in zip(address.sub_scores, address.sub_topk):
         masked = torch.full_like(s, float("-inf")).scatter(-1, top, s.gather(-1, top))
-        p_bar = masked.softmax(-1).flatten(0, 1).mean(0)          # [R]
-        loss = loss + (p_bar * torch.log(p_bar + ENTROPY_EPS)).sum()  # = -H(p_bar)
+        p_bar = masked.softmax(-1).flatten(-3, -2).mean(-2)       # [..., R]
+        loss = loss + (p_bar * torch.log(p_bar + ENTROPY_EPS)).sum(-1)  # = -H(p_bar)
     return loss
 
 
@@ -97,17 +99,24 @@ class RowOverlay:
     """A value table seen as an untouched base plus the rows written so far.
 
     `rows` is sorted and unique; `row_values[r]` is the current (differentiable) value of slot rows[r].
+    With `streams` S > 1 it is S private tables over one base (per-sequence memories written as one
+    batch): row id s*N + i is slot i of stream s.
     """
 
-    def __init__(self, base: torch.Tensor):
+    def __init__(self, base: torch.Tensor, streams: int = 1):
         self.base = base
+        self.num_slots, self.streams = base.shape[0], streams
         self.rows = torch.empty(0, dtype=torch.long, device=base.device)
         self.row_values = base.new_empty(0, base.shape[1])
+
+    def base_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Untouched rows for flat row ids [M] -> [M, d_v]."""
+        return self.base[ids if self.streams == 1 else ids % self.num_slots]
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Current rows for any index tensor: idx [...] -> [..., d_v]."""
         flat = idx.reshape(-1)
-        out = self.base[flat]
+        out = self.base_rows(flat)
         if self.rows.numel():
             pos = torch.searchsorted(self.rows, flat).clamp_max(self.rows.numel() - 1)
             hit = self.rows[pos] == flat
@@ -116,13 +125,16 @@ class RowOverlay:
 
     def add(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
         """values[rows] += delta for sorted unique `rows` (out of place, so autograd sees every write)."""
-        merged = torch.unique(torch.cat([self.rows, rows]))
-        current = self.gather(merged)
-        self.row_values = current.index_add(0, torch.searchsorted(merged, rows), delta)
+        held = self.rows.numel()
+        merged, at = torch.unique(torch.cat([self.rows, rows]), return_inverse=True)
+        current = self.base_rows(merged)
+        if held:
+            current = current.index_copy(0, at[:held], self.row_values)
+        self.row_values = current.index_add(0, at[held:], delta)
         self.rows = merged
 
     def materialize(self) -> torch.Tensor:
-        """The full table with the overlay applied (one O(N) copy, at the end of a scan)."""
+        """The full table with the overlay applied (one O(N) copy, at the end of a scan; one stream)."""
         if not self.rows.numel():
             return self.base
         return self.base.index_copy(0, self.rows, self.row_values)
@@ -165,12 +177,17 @@ class ScanResult(NamedTuple):
 
 def chunk_targets(v: torch.Tensor, start: int, end: int, lookahead: int):
     """Targets v_{t+lookahead} for t in [start, end) and a mask of tokens whose target is inside the chunk."""
-    C = end - start
-    target = torch.zeros_like(v[:, start:end])
-    has = torch.zeros(C, dtype=torch.bool, device=v.device)
+    return targets_in_chunk(v[:, start:end], lookahead)
+
+
+def targets_in_chunk(vc: torch.Tensor, lookahead: int):
+    """`chunk_targets` of one chunk's values vc [B, C, d_v] -> (target [B, C, d_v], has [C] bool)."""
+    C = vc.shape[1]
+    target = torch.zeros_like(vc)
+    has = torch.zeros(C, dtype=torch.bool, device=vc.device)
     n = C - lookahead
     if n > 0:
-        target[:, :n] = v[:, start + lookahead:end]
+        target[:, :n] = vc[:, lookahead:]
         has[:n] = True
     return target, has
 
@@ -205,42 +222,56 @@ def mean_diagnostics(parts: list[ScanResult]) -> dict[str, torch.Tensor] | None:
 
 
 def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, addr_loss_weight,
-                 value_lr, key_lr, score, addr_loss, detach_writes, written=None, diagnostics=False) -> ScanResult:
-    """One state shared by the whole batch, read-then-write per chunk (starting from `written` rows, if any)."""
+                 value_lr, key_lr, score, addr_loss, detach_writes, written=None, diagnostics=False,
+                 streams: int = 1) -> ScanResult:
+    """One state shared by the whole batch, read-then-write per chunk (starting from `written` rows, if any).
+
+    With `streams` = B every sequence has its own state instead (per_sequence), all run as one batch:
+    keys [B, H, 2, R, d_k/2] and a B-stream `RowOverlay`; the result then holds those private states
+    (row ids s*N + i). The inputs are split into chunks once, so no chunk costs O(T).
+    """
     B, T, H, _ = q.shape
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys, values))
-    table = RowOverlay(values)
+    table = RowOverlay(values, streams)
+    if streams > 1:
+        keys = keys.unsqueeze(0).repeat(streams, *([1] * keys.dim()))        # [B, H, 2, R, d_k/2]
+        offsets = (torch.arange(B, device=q.device) * values.shape[0]).view(B, 1, 1, 1)
     if written is not None:
-        table.rows, table.row_values = written
+        rows, row_values = written
+        if streams > 1:
+            rows = (offsets.view(B, 1) + rows).reshape(-1)
+            row_values = row_values.repeat(streams, 1)
+        table.rows, table.row_values = rows, row_values
     outs, idxs = [], []
     diag = ScanDiagnostics(q.device) if diagnostics else None
-    for start in range(0, T, chunk_size):
-        end = min(start + chunk_size, T)
-        C = end - start
-        qc = q[:, start:end].reshape(B * C, H, -1)
-        target, has = chunk_targets(v, start, end, lookahead)
-        gate = g[:, start:end]
+    for q_c, v_c, gate in zip(q.split(chunk_size, 1), v.split(chunk_size, 1), g.split(chunk_size, 1)):
+        C = q_c.shape[1]
+        qc = q_c.reshape(B * C, H, -1) if streams == 1 else q_c              # [B*C | B, C, H, d_k]
+        target, has = targets_in_chunk(v_c, lookahead)
         with torch.enable_grad():  # the key step needs autograd even in eval (then first-order only)
             k_in = keys if differentiable and keys.requires_grad else keys.detach().requires_grad_()
             addr = pkm_address(qc, k_in, topk=top_k, score=score, eps=eps)
-            v_hat = torch.einsum("mhk,mhkd->md", addr.weight, table.gather(addr.idx)).view(B, C, -1)
-            if addr_loss:
-                key_loss = addr_loss_weight * addressing_loss(addr)
+            idx = addr.idx.reshape(B, C, H, top_k)
+            rows_at = idx if streams == 1 else idx + offsets                  # row ids in the overlay
+            v_hat = torch.einsum("...hk,...hkd->...d", addr.weight, table.gather(rows_at.view_as(addr.idx)))
+            v_hat = v_hat.reshape(B, C, -1)
+            if addr_loss:  # streams: the sum of each stream's loss (its keys see only its own)
+                key_loss = addr_loss_weight * addressing_loss(addr).sum()
             else:  # ablation: no addressing loss, the memorization MSE moves the keys as well
                 m = max(int(has.sum()) * B, 1)
                 key_loss = 0.5 * (B * C / m) * ((gate * has)[..., None] * (v_hat - target).square()).sum()
             (key_grad,) = torch.autograd.grad(key_loss, k_in, retain_graph=differentiable,
                                               create_graph=differentiable and not detach_writes)
         if diag is not None:
-            diag.add(addressing_loss(addr).detach(), v_hat.detach(), target, has)
-        weight = addr.weight.view(B, C, H, top_k)
+            diag.add(addressing_loss(addr).detach().mean(), v_hat.detach(), target, has)
+        weight = addr.weight.reshape(B, C, H, top_k)
         if not differentiable:
             v_hat, weight = v_hat.detach(), weight.detach()
-        idx = addr.idx.view(B, C, H, top_k)
         w_in = (weight, v_hat, target, gate)
         if detach_writes:  # ablation: first-order fast weights, the LM loss does not see through writes
             w_in = tuple(t.detach() for t in w_in)
-        write = value_write(idx, *w_in, has.expand(B, C), value_lr=value_lr)
+        # streams: B*C/M = C/M_s and N_read counts each stream's own reads (distinct row ids)
+        write = value_write(rows_at, *w_in, has.expand(B, C), value_lr=value_lr)
         if write is not None:
             table.add(*write)
         keys = k_in - key_lr * key_grad
@@ -397,9 +428,10 @@ def fwpkm_scan_rows(q, v, g, keys, values, *, top_k: int, chunk_size: int, looka
                  for b in range(q.shape[0])]  # every process has B sequences: the loop runs in lockstep
     elif not per_sequence:
         return _scan_shared(q, v, g, keys, values, diagnostics=diagnostics, **kw)
-    else:
-        parts = [_scan_shared(q[b:b + 1], v[b:b + 1], g[b:b + 1], keys, values, diagnostics=diagnostics, **kw)
-                 for b in range(q.shape[0])]
+    else:  # every sequence its own stream, all in one batched scan; the shared state is unchanged
+        res = _scan_shared(q, v, g, keys, values, diagnostics=diagnostics, streams=q.shape[0], **kw)
+        return ScanResult(res.v_hat, keys, torch.empty(0, dtype=torch.long, device=values.device),
+                          values.new_empty(0, values.shape[1]), res.idx, diagnostics=res.diagnostics)
     no_rows = torch.empty(0, dtype=torch.long, device=values.device)
     group_idx = None if exchange is None else torch.cat([p.group_idx for p in parts])
     return ScanResult(torch.cat([p.v_hat for p in parts]), keys, no_rows, values.new_empty(0, values.shape[1]),

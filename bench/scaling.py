@@ -1,0 +1,159 @@
+"""How the memory's CPU hot path scales: the FwPKM scan against softmax attention, and the training step.
+
+    .venv/bin/python bench/scaling.py [--tokens 256] [--slots 4096] [--token-mults 1 2 4 8 16 32]
+                                      [--slot-mults 1 4 16] [--repeats 3] [--steps 6] [--skip-step]
+
+Scan: `ops.fwpkm_scan_rows` forward + backward as the FwPKM layer calls it (q, v, g and the keys require
+grad, the value table is a buffer; the loss covers the reads, the new keys and the written rows), with
+B=2, H=2, d_k=32, d_v=64, C=64, k=8, at `--tokens` x each token multiple (N = `--slots`) and at `--slots` x
+each slot multiple (T = `--tokens`). Beside it, causal softmax attention of the same width (2 heads of 32 =
+d_v; `scaled_dot_product_attention`, forward + backward) at the same token counts: the core op of each
+layer, projections left out of both. Step: bench/step.py's configs/tiny.yaml variants (forward + backward +
+AdamW on synthetic tokens), throughput relative to the model without memory layers.
+
+Timing: CPU seconds of this process (`time.process_time`, one intra-op thread), every variant interleaved
+with the others in each round, the median over rounds (the first round is a warm-up). On a shared machine
+CPU time is far steadier than wall time; ratios within one run are the numbers to quote.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fwpkm_megatron import ops
+
+B, H, D_K, D_V, CHUNK, TOP_K = 2, 2, 32, 64, 64, 8
+
+
+def scan_case(T: int, N: int, seed: int = 0):
+    """A closure running one scan forward + backward on fixed random inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    R = int(N ** 0.5)
+    if R * R != N:
+        raise ValueError(f"--slots x multiple = {N} must be a perfect square (two codebooks of sqrt(N) sub-keys)")
+    q = torch.randn(B, T, H, D_K, generator=gen).requires_grad_()
+    v = torch.randn(B, T, D_V, generator=gen).requires_grad_()
+    g = torch.rand(B, T, generator=gen).requires_grad_()
+    keys = ((torch.rand(H, 2, R, D_K // 2, generator=gen) * 2 - 1) * D_K ** -0.5).requires_grad_()
+    values = torch.randn(N, D_V, generator=gen) * D_V ** -0.5
+
+    def run():
+        res = ops.fwpkm_scan_rows(q, v, g, keys, values, backend="reference", top_k=TOP_K, chunk_size=CHUNK)
+        (res.v_hat.square().sum() + res.keys.square().sum() + res.row_values.square().sum()).backward()
+    return run
+
+
+def attention_case(T: int, seed: int = 0):
+    """A closure running causal softmax attention forward + backward, [B, heads, T, head_dim] = [2, 2, T, 32]."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D_V // H, generator=gen).requires_grad_() for _ in range(3))
+
+    def run():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum().backward()
+    return run
+
+
+def interleaved(cases: dict, rounds: int) -> dict:
+    """Median CPU seconds of each case over `rounds` rounds (after one warm-up round), cases interleaved."""
+    times = {name: [] for name in cases}
+    for r in range(rounds + 1):
+        for name, run in cases.items():
+            t0 = time.process_time()
+            run()
+            if r:
+                times[name].append(time.process_time() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def scan_table(args) -> None:
+    cases = {}
+    for m in args.token_mults:
+        cases["scan", "T", m] = scan_case(args.tokens * m, args.slots)
+        cases["attention", "T", m] = attention_case(args.tokens * m)
+    for m in args.slot_mults[1:]:
+        cases["scan", "N", m] = scan_case(args.tokens, args.slots * m)
+    t = interleaved(cases, args.repeats)
+    t0 = t["scan", "T", 1]
+    a0 = t["attention", "T", 1]
+    t["scan", "N", 1] = t0
+    print(f"FwPKM scan (B={B}, H={H}, d_k={D_K}, d_v={D_V}, C={CHUNK}, k={TOP_K}) vs causal softmax attention "
+          f"(2 heads x {D_V // H}), forward + backward, CPU ms, median of {args.repeats}")
+    print(f"{'tokens':>8} {'slots':>8} {'scan ms':>9} {'x scan':>7} {'attn ms':>9} {'x attn':>7} {'attn/scan':>10}")
+    for m in args.token_mults:
+        s, a = t["scan", "T", m], t["attention", "T", m]
+        print(f"{args.tokens * m:>8} {args.slots:>8} {s * 1e3:>9.1f} {s / t0:>7.2f} {a * 1e3:>9.1f} {a / a0:>7.2f} "
+              f"{a / s:>10.2f}")
+    for m in args.slot_mults[1:]:
+        s = t["scan", "N", m]
+        print(f"{args.tokens:>8} {args.slots * m:>8} {s * 1e3:>9.1f} {s / t0:>7.2f}")
+
+
+def step_table(args) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from step import VARIANTS
+
+    from fwpkm_megatron.config import load_config
+    from fwpkm_megatron.model import build_model
+    from fwpkm_megatron.parallel.groups import init_single_process
+
+    init_single_process(0)
+    names = ["no memory", "FwPKM only", "FwPKM + PKM (config)", "FwPKM + PKM, per_sequence"]
+    cases = {}
+    for name in names:
+        run = load_config(args.config, VARIANTS[name])
+        torch.manual_seed(0)
+        model = build_model(run, args.vocab)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        b, s = run.train.micro_batch_size, run.train.seq_len
+        tokens = torch.randint(0, args.vocab, (b, s + 1), generator=torch.Generator().manual_seed(0))
+        positions = torch.arange(s).expand(b, s)
+        model.window_control.begin_step(0, 0, training=True)
+
+        def step(model=model, opt=opt, tokens=tokens, positions=positions):
+            loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        step()  # a first step outside the timing (allocator, lazy state)
+        cases[name] = step
+    t = interleaved(cases, args.steps)
+    run = load_config(args.config)
+    tok = run.train.micro_batch_size * run.train.seq_len
+    print(f"\nTraining step, {args.config} ({tok} tokens/step), CPU ms, median of {args.steps} interleaved rounds")
+    print(f"{'variant':<28} {'ms/step':>9} {'tokens/s':>10} {'throughput x no-memory':>24}")
+    for name in names:
+        print(f"{name:<28} {t[name] * 1e3:>9.1f} {tok / t[name]:>10,.0f} {t['no memory'] / t[name]:>24.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--slots", type=int, default=4096)
+    parser.add_argument("--token-mults", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--slot-mults", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--skip-step", action="store_true", help="only the scan table")
+    parser.add_argument("--skip-scan", action="store_true", help="only the step table")
+    args = parser.parse_args()
+    if args.token_mults[0] != 1 or args.slot_mults[0] != 1:
+        parser.error("--token-mults and --slot-mults start at 1 (the base every ratio divides by)")
+    torch.set_num_threads(1)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if not args.skip_scan:
+        scan_table(args)
+    if not args.skip_step:
+        step_table(args)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
