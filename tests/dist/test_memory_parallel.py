@@ -12,7 +12,9 @@ What this proves, on the 2-layer GPT of test_parallel.py (FwPKM layer 0, static 
   memory per group;
 - no rank allocates a tensor of the full table's size (build, steps with full recompute, the sync,
   a validation snapshot, checkpoint save and load), and full recompute under M=2 equals no recompute;
-- every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes.
+- every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes;
+- the Trainer at DP=2 x M=2 (micro-batch 2 per rank), stopped at step 2, resumes in one process with
+  micro-batch 4 (the same computation): the val loss and every loss equal the uninterrupted M=2 run.
 The static PKM table (layer 1) is split over TP x M too: its values, their first-step gradients (reduced
 only over the ranks holding the same columns) and their AdamW moments are compared gathered, like the
 fast weights; megatron's DistributedOptimizer at DP=2 x M=2 equals the plain one-process run as well.
@@ -382,3 +384,25 @@ def test_memory_parallel_config_errors_name_the_keys():
                                       "parallel.memory_parallel=8", "deepspeed.zero_stage=-1",
                                       "optimizer.distributed=true"])
     assert layout_problems(scaled, 32) == []
+
+
+def test_trainer_at_memory_parallel2_resumes_in_one_process(tiny_run, tmp_path):
+    import shutil
+
+    from test_dist_checkpoint import _trainer
+
+    common = ["train.steps=4", "train.eval_batches=1"]
+    group = [*common, "parallel.memory_parallel=2", "train.micro_batch_size=2"]  # 2 x 2 = one process's 4
+    saved = tmp_path / "m2"
+    _, val_at_2, _ = run_ranks(_trainer, 2, tiny_run(saved, *group), 2)[0]
+    shutil.copytree(saved, tmp_path / "single")
+    full, val, _ = run_ranks(_trainer, 2, tiny_run(saved, *group), None, True)[0]  # same layout, to step 4
+    assert abs(val - val_at_2) <= RTOL * val_at_2, (val, val_at_2)
+    # the plain one-process trainer: dist checkpoint -> its own format; one AdamW over every parameter and
+    # the M=2 run's two (dense, PKM table), LR schedule from the dense one. (Val losses differ by design:
+    # every DP rank evaluates the same val batch, so the M=2 group evaluates each sequence twice.)
+    losses, _, console = run_ranks(_trainer, 1, tiny_run(tmp_path / "single", *common))[0]
+    assert "another layout" in console, console
+    assert len(full) == len(losses) == 4
+    for i, (a, b) in enumerate(zip(full, losses)):
+        assert abs(a - b) <= RTOL * abs(a), f"M=2 -> one process: loss {i + 1}: {b} vs {a}"
