@@ -92,7 +92,8 @@ class PKMMLP(nn.Module):
         row-parallel (weight axis 1, bias replicated); query, its norm and sub-keys replicated."""
         from .checkpoint import child_tensors, column_sharded_tensor, sharded_tensors
 
-        tensors = {"sub_keys": self.sub_keys, **child_tensors(self, ["query", "query_norm", "swilu_proj", "value_proj"])}
+        tensors = {"sub_keys": self.sub_keys,
+                   **child_tensors(self, ["query", "query_norm", "swilu_proj", "value_proj"])}
         out = sharded_tensors(tensors, prefix, sharded_offsets, metadata, tp_group=self.tp_group,
                               tp_axes={"swilu_proj.weight": 0, "swilu_proj.bias": 0, "value_proj.weight": 1})
         out[f"{prefix}values"] = column_sharded_tensor(f"{prefix}values", self.values, sharded_offsets,

@@ -18,9 +18,9 @@ from fwpkm_megatron.parallel.sharding import GroupExchange, apply_memory_shardin
 def parallelize(chunks: list[nn.Module], groups: ParallelGroups, run) -> None:
     """Apply every parallel transformation our code owns to this rank's model chunks (in place).
 
-    Each fast-weight state and static PKM table learns its memory group (index, count). Under `persistent_local` with more
-    than one group each state is marked as its group's own (`replica`), so checkpoints keep one memory
-    per group (parallel/dist_checkpoint.py); under `persistent` the states remember their written rows
+    Each fast-weight state and static PKM table learns its memory group (index, count). Under
+    `persistent_local` with more than one group each state is marked as its group's own (`replica`), so
+    checkpoints keep one memory per group (parallel/dist_checkpoint.py); under `persistent` the states remember their written rows
     for the sparse sync between groups.
     """
     from fwpkm_megatron.config import fast_weight_policy

@@ -90,7 +90,8 @@ def pkm_moments(engine) -> dict[str, torch.Tensor]:
     from fwpkm_megatron.parallel.dist_checkpoint import adamw_views
 
     names = {id(p): n for n, p in engine.model.named_parameters() if n.endswith("mlp.values")}
-    return {names[id(model)]: adamw.state[main]["exp_avg"].clone() for adamw, pairs in adamw_views(engine.optimizer) or []
+    return {names[id(model)]: adamw.state[main]["exp_avg"].clone()
+            for adamw, pairs in adamw_views(engine.optimizer) or []
             for model, main in pairs if id(model) in names and main in adamw.state}
 
 
@@ -168,9 +169,9 @@ class LargeTensors(TorchDispatchMode):
 
 
 def no_full_tables(directory) -> tuple[list, list, list]:
-    """DP=4 x M=2 with FwPKM and PKM tables larger than all other slow weights together: build, 2 steps with full recompute
-    (the sparse sync between the 2 groups after each), a validation snapshot + eval + restore, checkpoint
-    save and load, all while recording tensors of the full table's size. Returns (what was recorded,
+    """DP=4 x M=2 with FwPKM and PKM tables larger than all other slow weights together: build, 2 steps
+    with full recompute (the sparse sync between the 2 groups after each), a validation snapshot + eval +
+    restore, checkpoint save and load, all while recording tensors of the full table's size. Returns (what was recorded,
     what a plain M=1 build records (the control), recompute vs no recompute metrics)."""
     from fwpkm_megatron.memory import restore_fast_weights, snapshot_fast_weights
     from fwpkm_megatron.model import build_model
@@ -277,7 +278,8 @@ def test_dp2_memory_parallel2_is_one_process_with_twice_the_micro_batch(referenc
     assert_same_run(persistent, [r[0] for r in ranks], "DP=2 x M=2 persistent")
     assert_same_run(per_seq, [r[1] for r in ranks], "DP=2 x M=2 per_sequence")
     distributed = [r[3] for r in ranks]  # megatron's DistributedOptimizer: grads not kept on the parameters
-    assert_same_run(persistent, [dict(r, grads={}) for r in distributed], "DP=2 x M=2 distributed optimizer", grads=False)
+    assert_same_run(persistent, [dict(r, grads={}) for r in distributed], "DP=2 x M=2 distributed optimizer",
+                    grads=False)
     # each rank holds half of the table's columns (keys are replicated)
     values = [n for n in persistent["fast"] if n.endswith("values")]
     for name in values:
