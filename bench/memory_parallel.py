@@ -1,4 +1,4 @@
-"""Communication of memory parallelism: bytes per token per FwPKM layer, and fast-weight bytes per rank.
+"""Communication of memory parallelism: bytes per token per FwPKM (and static PKM) layer, and bytes per rank.
 
     .venv/bin/python bench/memory_parallel.py [--m 1 2 4] [--d-v 512] [--slots 4096] [--topk 8]
 
@@ -8,6 +8,9 @@ divided by its tokens): the read (addresses and read weights all-gathered, reads
 all-to-all), the write (gates all-gathered, targets sent to their columns' owners by all-to-all), the
 key step (two small all-reduces per chunk), each forward and backward, next to the formulas of
 docs/parallelism.md. Also the fast-weight bytes per rank, and the TP x M = 4 layout (TP=2, M=2) at M=4.
+`--pkm`: instead, the static PKM layer that the same model has at layer 0 (same N, d_v, d_k, k, one head):
+its read exchange (addresses and weights all-gathered, reads returned by all-to-all; backward: the
+transposed exchange) and its table bytes per rank, also split over TP x M.
 `--sync`: instead, DP=4 x M=2 (two memory groups, `persistent`): the bytes the sparse sync of the
 written rows sent per step and rank, against a dense all-reduce of the rank's table slice.
 CPU only: the byte counts are exact and independent of the device; times are not reported.
@@ -34,7 +37,8 @@ def _overrides(args, m: int, tp: int) -> list[str]:
             f"model.vocab_size={args.vocab}", "fwpkm.layers=[0]", f"fwpkm.num_slots={args.slots}",
             f"fwpkm.d_k={args.d_k}", f"fwpkm.d_v={args.d_v}", f"fwpkm.topk={args.topk}",
             f"fwpkm.chunk_size={args.chunk}", f"train.seq_len={args.seq}", f"parallel.tp={tp}",
-            f"parallel.memory_parallel={m}"]
+            f"parallel.memory_parallel={m}", "pkm.layers=[0]", f"pkm.num_slots={args.slots}", f"pkm.d_k={args.d_k}",
+            f"pkm.d_v={args.d_v}", f"pkm.topk={args.topk}", "pkm.heads=1"]
 
 
 def _rank(rank, world, port, args, m, tp, out_dir, dp=None):
@@ -59,7 +63,8 @@ def _rank(rank, world, port, args, m, tp, out_dir, dp=None):
             sent[key] = sent.get(key, 0) + n
     fast = sum(b.numel() * b.element_size() for s in fast_weight_states(engine.model).values() for b in s.buffers())
     values = sum(s.values.numel() * 4 for s in fast_weight_states(engine.model).values())
-    torch.save({"sent": sent, "fast": fast, "tokens": args.batch * args.seq, "values": values,
+    pkm = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters() if n.endswith("mlp.values"))
+    torch.save({"sent": sent, "fast": fast, "tokens": args.batch * args.seq, "values": values, "pkm": pkm,
                 "synced": metrics["train/fast_weight_sync_bytes"]}, f"{out_dir}/{rank}.pt")
 
 
@@ -91,7 +96,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--sync", action="store_true", help="measure the sync between two memory groups")
+    parser.add_argument("--pkm", action="store_true", help="report the static PKM layer's exchange")
     args = parser.parse_args()
+    layouts = [(m, 1) for m in args.m] + ([(2, 2)] if 4 in args.m else [])
+    if args.pkm:
+        print(f"one static PKM layer: N={args.slots}, d_v={args.d_v}, d_k={args.d_k}, k={args.topk}, H=1; "
+              f"{args.batch} x {args.seq} tokens per rank; bytes sent per token per rank")
+        print(f"{'layout':<12} {'read fwd':>9} {'(formula)':>9} {'read bwd':>9} {'(formula)':>9} {'table/rank':>12}")
+        for m, tp in layouts:
+            r = measure(args, m, tp)
+            per = {k: v / r["tokens"] for k, v in r["sent"].items()}
+            d = args.d_v // tp
+            fwd = (m - 1) * args.topk * (8 + 4) + 4 * d * (m - 1) / m  # as the FwPKM read, one head
+            bwd = (m - 1) * args.topk * 4 + 4 * d * (m - 1) / m        # weight grads back, read grads to columns
+            print(f"{f'TP={tp} x M={m}':<12} {per.get(('pkm', 'forward'), 0):>9.1f} {fwd:>9.1f} "
+                  f"{per.get(('pkm', 'backward'), 0):>9.1f} {bwd:>9.1f} {r['pkm']:>12,}")
+        return
     if args.sync:
         r = measure(args, 2, 1, world=4)
         dense = r["values"] * 2  # a ring all-reduce of the slice sends about twice its size
@@ -103,7 +123,6 @@ def main() -> None:
           f"C={args.chunk}; {args.batch} x {args.seq} tokens per rank; bytes sent per token per rank")
     print(f"{'layout':<12} {'read fwd':>9} {'(formula)':>9} {'write fwd':>9} {'(formula)':>9} {'read bwd':>9} "
           f"{'write bwd':>9} {'keys':>7} {'fast weights/rank':>18}")
-    layouts = [(m, 1) for m in args.m] + ([(2, 2)] if 4 in args.m else [])
     for m, tp in layouts:
         r = measure(args, m, tp)
         per = {k: v / r["tokens"] for k, v in r["sent"].items()}

@@ -469,6 +469,15 @@ def _memory_parallel_problems(run: RunConfig, tp: int, mp: int, world_size: int 
     if f.d_v % (tp * mp):
         p.append(f"{key} with parallel.tp={tp}: fwpkm.d_v={f.d_v} must be divisible by tp * memory_parallel = "
                  f"{tp * mp} (tables are column-sharded over TP x M)")
+    if run.pkm.layers and run.pkm.d_v % (tp * mp):
+        p.append(f"{key} with parallel.tp={tp}: pkm.d_v={run.pkm.d_v} must be divisible by tp * memory_parallel = "
+                 f"{tp * mp} (static PKM tables are column-sharded over TP x M)")
+    if run.pkm.layers and run.deepspeed.zero_stage >= 0:
+        p.append(f"{key} with pkm.layers and deepspeed.zero_stage={run.deepspeed.zero_stage}: the static PKM "
+                 "tables are split over the memory group, so their gradients may be summed only over the ranks "
+                 "holding the same columns, but ZeRO reduces every gradient over the whole data-parallel group "
+                 "(its only other path, DeepSpeed MoE expert groups, is not wired); use zero_stage=-1 (megatron "
+                 "DDP, optionally optimizer.distributed=true)")
     if not f.addr_loss:
         p.append(f"{key}: fwpkm.addr_loss=false (keys moved by the MSE over d_v) is only supported at "
                  "memory_parallel=1")

@@ -83,3 +83,14 @@ def table_sharded_tensors(keys: torch.Tensor, values: torch.Tensor, prefix: str,
                                                             (axis, shard.index, shard.count), replica_id=(0, 0, copy),
                                                             prepend_axis_num=axis - 1),
     }
+
+
+def column_sharded_tensor(key: str, table: torch.Tensor, sharded_offsets=(), *, shard, copy: int):
+    """ShardedTensor of a [N, d] table of which this rank holds columns `shard.index` of `shard.count`
+    (TP x M ranks), at its global offset. `copy` numbers the identical copies of the shard (one per memory
+    group, or per DP rank at M = 1); copy 0 writes it."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    offsets = tuple(sharded_offsets)
+    return ShardedTensor.from_rank_offsets(key, table, *offsets, (len(offsets) + 1, shard.index, shard.count),
+                                           replica_id=(0, 0, copy), prepend_axis_num=len(offsets))

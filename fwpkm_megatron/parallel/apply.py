@@ -18,18 +18,20 @@ from fwpkm_megatron.parallel.sharding import GroupExchange, apply_memory_shardin
 def parallelize(chunks: list[nn.Module], groups: ParallelGroups, run) -> None:
     """Apply every parallel transformation our code owns to this rank's model chunks (in place).
 
-    Each fast-weight state learns its memory group (index, count). Under `persistent_local` with more
-    than one group each state is marked as its group's own (`replica`), so checkpoints keep one memory
-    per group (parallel/dist_checkpoint.py); under `persistent` the states remember their written rows
+    Each fast-weight state and static PKM table learns its memory group (index, count). Under
+    `persistent_local` with more than one group each state is marked as its group's own (`replica`), so
+    checkpoints keep one memory per group (parallel/dist_checkpoint.py); under `persistent` the states remember their written rows
     for the sparse sync between groups.
     """
     from fwpkm_megatron.config import fast_weight_policy
-    from fwpkm_megatron.memory import FwMLPState, fast_weight_states
+    from fwpkm_megatron.memory import PKMMLP, FwMLPState, fast_weight_states
 
     policy, count = fast_weight_policy(run), groups.num_mem_groups
     for chunk in chunks:
         exchange = GroupExchange(groups.mp_group, groups.mp, groups.mp_rank) if groups.mp > 1 else None
         apply_memory_sharding(chunk, groups, exchange)
+        for pkm in (m for m in chunk.modules() if isinstance(m, PKMMLP)):  # its table: one copy per group
+            pkm.group = (groups.mem_group_index, count)
         for state in fast_weight_states(chunk).values():
             if isinstance(state, FwMLPState):  # dense FwMLP: one copy per DP rank (memory_parallel is 1)
                 if policy == "persistent_local" and groups.dp > 1:

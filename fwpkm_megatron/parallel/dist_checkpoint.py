@@ -45,8 +45,9 @@ def model_sharded_state_dict(chunks: list[nn.Module]) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict(metadata=dict(METADATA)) for i, chunk in enumerate(chunks)}
 
 
-def adamw_view(optimizer) -> tuple[torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]] | None:
-    """(torch AdamW, [(model parameter, the tensor AdamW steps)]) of a torch or megatron optimizer.
+def adamw_views(optimizer) -> list[tuple[torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]] | None:
+    """[(torch AdamW, [(model parameter, the tensor AdamW steps)])] of a torch or megatron optimizer: one
+    entry, or two with memory-sharded parameters (megatron's second optimizer, training/megatron_dp.py).
 
     megatron's FP32Optimizer steps the model parameters themselves; its Float16OptimizerWithFloat16Params
     steps fp32 master copies (stored beside the moments as `main_param`). None for megatron's
@@ -55,20 +56,29 @@ def adamw_view(optimizer) -> tuple[torch.optim.Optimizer, list[tuple[torch.Tenso
     if optimizer is None:
         return None
     if not hasattr(optimizer, "chained_optimizers"):
-        return optimizer, [(p, p) for g in optimizer.param_groups for p in g["params"]]
-    pairs, inner = [], []
+        return [(optimizer, [(p, p) for g in optimizer.param_groups for p in g["params"]])]
+    views = []
     for opt in optimizer.chained_optimizers:
         if hasattr(opt, "shard_fp32_from_float16_groups") or type(opt).__name__ == "DistributedOptimizer":
             return None
-        inner.append(opt.optimizer)
+        pairs = []
         if hasattr(opt, "float16_groups"):  # Float16OptimizerWithFloat16Params: per group, half then fp32 params
             for half, main, fp32 in zip(opt.float16_groups, opt.fp32_from_float16_groups, opt.fp32_from_fp32_groups):
                 pairs += list(zip(half, main)) + [(p, p) for p in fp32]
         else:
             pairs += [(p, p) for g in opt.optimizer.param_groups for p in g["params"]]
-    if len(inner) != 1:
-        raise ValueError(f"expected one optimizer over the dense parameters, got {len(inner)}")
-    return inner[0], pairs
+        views.append((opt.optimizer, pairs))
+    return views
+
+
+def adamw_view(optimizer) -> tuple[torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    """The one (torch AdamW, pairs) of `adamw_views` (an optimizer over dense parameters only)."""
+    views = adamw_views(optimizer)
+    if views is None:
+        return None
+    if len(views) != 1:
+        raise ValueError(f"expected one optimizer over the dense parameters, got {len(views)}")
+    return views[0]
 
 
 def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
@@ -86,7 +96,7 @@ def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
 def optimizer_sharded_state_dict(optimizer, model_sd: dict, main_params: bool | None = None) -> dict:
     """AdamW state as ShardedTensors keyed `optimizer.state.{exp_avg,exp_avg_sq[,main_param]}.<parameter key>`.
 
-    `optimizer` is torch's AdamW or a non-distributed megatron optimizer (see `adamw_view`); fp32 master
+    `optimizer` is torch's AdamW or a non-distributed megatron optimizer (see `adamw_views`); fp32 master
     weights of a bf16 run are stored as `main_param`. The per-parameter `step` counters are stored once
     (they are equal: every slow weight steps every step). `main_params` (loading): whether the checkpoint
     holds master weights; None (saving): store them where this run keeps separate ones.
@@ -94,16 +104,18 @@ def optimizer_sharded_state_dict(optimizer, model_sd: dict, main_params: bool | 
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             make_sharded_optimizer_tensor)
 
-    adamw, pairs = adamw_view(optimizer)
-    _init_adamw_state(adamw)
-    params = [model for model, _ in pairs]
+    views = adamw_views(optimizer)
+    for adamw, _ in views:
+        _init_adamw_state(adamw)
+    pairs = [(model, main, adamw) for adamw, view in views for model, main in view]
+    params = [model for model, _, _ in pairs]
     id_map = get_param_id_to_sharded_param_map(model_sd, params)
     missing = [i for i in range(len(params)) if i not in id_map]
     if missing:
         raise ValueError(f"{len(missing)} optimized parameters have no sharded model tensor "
                          f"(shapes {[tuple(params[i].shape) for i in missing[:4]]})")
     state, steps = {}, set()
-    for i, (model, main) in enumerate(pairs):
+    for i, (model, main, adamw) in enumerate(pairs):
         s = adamw.state[main]
         steps.add(float(s["step"]))
         tensors = {k: v for k, v in s.items() if k not in _SCALAR_STATE}
@@ -123,27 +135,29 @@ def load_optimizer_state(optimizer, loaded: dict) -> None:
     Master weights: taken from the checkpoint when it has them (into the fp32 model parameters of an fp32
     run, the master copies of a bf16 run), else a bf16 run's masters are the loaded model parameters.
     """
-    adamw, pairs = adamw_view(optimizer)
-    position = {id(p): i for i, p in enumerate(p for g in adamw.param_groups for p in g["params"])}
     step = torch.tensor(float(loaded["step"]))
-    state = {}
-    for i, (model, main) in enumerate(pairs):
-        saved = dict(loaded["state"][i])
-        master = saved.pop("main_param", None)
-        if master is not None:
-            main.copy_(master)
-        elif main is not model:
-            main.copy_(model.float())
-        if main is not model:
-            model.copy_(main)
-        state[position[id(main)]] = {"step": step.clone(), **{k: v.clone() for k, v in saved.items()}}
-    current = adamw.state_dict()
-    adamw.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    i = 0  # the pairs' order of optimizer_sharded_state_dict
+    for adamw, pairs in adamw_views(optimizer):
+        position = {id(p): n for n, p in enumerate(p for g in adamw.param_groups for p in g["params"])}
+        state = {}
+        for model, main in pairs:
+            saved = dict(loaded["state"][i])
+            i += 1
+            master = saved.pop("main_param", None)
+            if master is not None:
+                main.copy_(master)
+            elif main is not model:
+                main.copy_(model.float())
+            if main is not model:
+                model.copy_(main)
+            state[position[id(main)]] = {"step": step.clone(), **{k: v.clone() for k, v in saved.items()}}
+        current = adamw.state_dict()
+        adamw.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
 
 def _has_main_params(optimizer) -> bool:
-    view = adamw_view(optimizer)
-    return view is not None and any(main is not model for model, main in view[1])
+    views = adamw_views(optimizer)
+    return views is not None and any(main is not model for _, pairs in views for model, main in pairs)
 
 
 class LayoutMismatch(ValueError):
@@ -178,7 +192,7 @@ def save_distributed(directory: str | Path, chunks: list[nn.Module],
     """
     from megatron.core import dist_checkpointing
 
-    if adamw_view(optimizer) is None:
+    if adamw_views(optimizer) is None:
         optimizer = None  # megatron's DistributedOptimizer: model and fast weights only
     with _gathered(chunks, modifier_rank=None):
         model_sd = model_sharded_state_dict(chunks)
@@ -204,7 +218,7 @@ def load_distributed(directory: str | Path, chunks: list[nn.Module],
     from megatron.core import dist_checkpointing
 
     content = dist_checkpointing.load_content_metadata(str(directory)) or {}
-    if not content.get("adamw", False) or adamw_view(optimizer) is None:
+    if not content.get("adamw", False) or adamw_views(optimizer) is None:
         optimizer = None
     saved = content.get("fast_weight_replicas", 1)
     here = fast_weight_replicas(chunks)

@@ -55,6 +55,9 @@ class ParallelGroups:
     mp_rank: int = 0                # this rank's place in its memory group (dp_rank % M)
     mp_group: object | None = None  # the M ranks of the memory group with this TP rank and stage
     mem_sync_group: object | None = None  # the DP/M ranks holding this rank's table columns in the other groups
+    # M > 1: the TP x PP x M ranks of this memory group (every column shard of every stage once: grad norms of
+    # memory-sharded parameters sum over it); the sync group above is then a group even when it has one rank
+    mem_model_group: object | None = None
 
     @property
     def num_mem_groups(self) -> int:
@@ -120,7 +123,9 @@ def with_memory_groups(groups: ParallelGroups, mp: int) -> ParallelGroups:
 
     World ranks follow megatron's order tp-cp-ep-pp-dp: rank = tp_rank + tp * (pp_rank + pp * dp_rank).
     Memory group g of a (TP rank, stage) holds DP ranks [g*M, (g+1)*M); the sync group of a column shard
-    holds the DP ranks with the same place in every memory group.
+    holds the DP ranks with the same place in every memory group (the data-parallel group of the parameters
+    sharded over the memory group, so it exists even with one rank); the memory-model group holds every
+    (TP rank, stage, place) of memory group g.
     """
     import dataclasses
 
@@ -136,7 +141,7 @@ def with_memory_groups(groups: ParallelGroups, mp: int) -> ParallelGroups:
         expected = [world(groups.tp_rank, groups.pp_rank, d) for d in range(dp)]
         if mine != expected:
             raise LayoutError(f"megatron's data-parallel group {mine} is not {expected} (order tp-cp-ep-pp-dp)")
-    mp_group = sync_group = None
+    mp_group = sync_group = model_group = None
     for t in range(tp):
         for p in range(pp):
             for g in range(dp // mp):
@@ -146,11 +151,16 @@ def with_memory_groups(groups: ParallelGroups, mp: int) -> ParallelGroups:
                     mp_group = handle
             for j in range(mp):
                 ranks = [world(t, p, d) for d in range(j, dp, mp)]
-                handle = dist.new_group(ranks) if len(ranks) > 1 else None
+                handle = dist.new_group(ranks)
                 if groups.rank in ranks:
                     sync_group = handle
+    for g in range(dp // mp):
+        ranks = sorted(world(t, p, d) for t in range(tp) for p in range(pp) for d in range(g * mp, (g + 1) * mp))
+        handle = dist.new_group(ranks)
+        if groups.rank in ranks:
+            model_group = handle
     return dataclasses.replace(groups, mp=mp, mp_rank=groups.dp_rank % mp, mp_group=mp_group,
-                               mem_sync_group=sync_group)
+                               mem_sync_group=sync_group, mem_model_group=model_group)
 
 
 def current_groups(vpp: int = 1) -> ParallelGroups:

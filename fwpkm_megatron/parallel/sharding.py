@@ -14,6 +14,8 @@ after a write is exactly that slice of the unsharded write. What needs the other
 Memory parallel (M > 1): the table columns of each TP rank are split again over the M data-parallel
 ranks of its memory group, and the group's tokens are pooled for every chunk (`GroupExchange`: addresses
 and gates all-gathered, targets and reads moved between token owners and column owners by all-to-all).
+The static PKM table is split the same way and read the same way (addresses gathered, each rank reads its
+columns for the group's tokens, the reads go back by all-to-all); it has no writes.
 
 Gradients: replicated inputs of sharded computation (q, the gate, the input of a column-parallel
 projection) go through `copy_to` (identity forward, all-reduce backward), so replicated slow weights
@@ -265,9 +267,9 @@ def column_slice(d: int, rank: int, size: int) -> slice:
 
 
 def table_shards(groups) -> tuple[TableShard, TableShard]:
-    """(FwPKM, static PKM) value-table shards of this rank: FwPKM over TP x M (TP rank major), PKM over TP."""
-    return (TableShard(groups.tp_rank * groups.mp + groups.mp_rank, groups.tp * groups.mp),
-            TableShard(groups.tp_rank, groups.tp))
+    """(FwPKM, static PKM) value-table shards of this rank: both over TP x M (TP rank major)."""
+    shard = TableShard(groups.tp_rank * groups.mp + groups.mp_rank, groups.tp * groups.mp)
+    return shard, shard
 
 
 def _check_table(name: str, table: torch.Tensor, shard: TableShard, d: int) -> None:
@@ -291,14 +293,20 @@ def shard_fwpkm_block(block, comm: ShardComm, rank: int, size: int) -> None:
 
 
 def shard_pkm(mlp, comm: ShardComm, rank: int, size: int) -> None:
-    """Keep this rank's d_v slice of a static PKM's slow weights: swilu projection rows, value projection
-    input columns (the value table was built as its TP slice). Query, its norm and the sub-keys stay replicated."""
-    cols = column_slice(mlp.cfg.d_v, rank, size)
-    mlp.swilu_proj.weight = _slice_param(mlp.swilu_proj.weight, 0, cols)
-    mlp.swilu_proj.bias = _slice_param(mlp.swilu_proj.bias, 0, cols)
-    mlp.value_proj.weight = _slice_param(mlp.value_proj.weight, 1, cols)
+    """Keep this TP rank's d_v slice of a static PKM's slow weights: swilu projection rows, value projection
+    input columns (the value table was built as its TP x M slice). Query, its norm and the sub-keys stay
+    replicated. In a memory group (M > 1) the table's gradient is reduced only over the ranks holding the
+    same columns: it is marked `allreduce=False`, megatron's flag for expert-parallel parameters, which
+    megatron DDP reduces over its expert-data-parallel group (the memory sync group, training/megatron_dp.py)."""
+    if size > 1:
+        cols = column_slice(mlp.cfg.d_v, rank, size)
+        mlp.swilu_proj.weight = _slice_param(mlp.swilu_proj.weight, 0, cols)
+        mlp.swilu_proj.bias = _slice_param(mlp.swilu_proj.bias, 0, cols)
+        mlp.value_proj.weight = _slice_param(mlp.value_proj.weight, 1, cols)
+        mlp.tp_group = comm.tp_group
     _mark(mlp.values, 1)
-    mlp.tp_group = comm.tp_group
+    if comm.exchange is not None:
+        mlp.values.allreduce = False
     mlp.comm = comm
 
 
@@ -320,9 +328,9 @@ def apply_memory_sharding(model: nn.Module, groups, exchange: GroupExchange | No
             _check_table(f"{name}.state.values", m.state.values, fw_shard, m.cfg.d_v)
             shard_fwpkm_block(m, comm, groups.tp_rank, groups.tp)
             count += 1
-        elif isinstance(m, PKMMLP) and groups.tp > 1:
+        elif isinstance(m, PKMMLP):
             _check_table(f"{name}.values", m.values, pkm_shard, m.cfg.d_v)
-            shard_pkm(m, ShardComm(groups.tp_group, groups.tp), groups.tp_rank, groups.tp)
+            shard_pkm(m, comm, groups.tp_rank, groups.tp)
             count += 1
     return count
 

@@ -137,7 +137,7 @@ class ParallelEngine:
             from fwpkm_megatron.training.megatron_dp import build_optimizer, wrap_chunks
 
             self.modules = wrap_chunks(self.chunks, run, groups)
-            self.optimizer, self.scheduler = build_optimizer(self.modules, run)
+            self.optimizer, self.scheduler = build_optimizer(self.modules, run, groups)
         self.slow_params = [p for p in self.model.parameters() if p.requires_grad]
         self.sync_bytes = fast_weight_sync_bytes(self.chunks, groups) if (
             fast_weight_policy(run) == "persistent") else 0

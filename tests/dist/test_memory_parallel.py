@@ -12,11 +12,17 @@ What this proves, on the 2-layer GPT of test_parallel.py (FwPKM layer 0, static 
   memory per group;
 - no rank allocates a tensor of the full table's size (build, steps with full recompute, the sync,
   a validation snapshot, checkpoint save and load), and full recompute under M=2 equals no recompute;
-- every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes.
+- every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes;
+- the Trainer at DP=2 x M=2 (micro-batch 2 per rank), resumed from its step-2 checkpoint in one process
+  with micro-batch 4 (the same computation), gives every loss of the uninterrupted M=2 run.
+The static PKM table (layer 1) is split over TP x M too: its values, their first-step gradients (reduced
+only over the ranks holding the same columns) and their AdamW moments are compared gathered, like the
+fast weights; megatron's DistributedOptimizer at DP=2 x M=2 equals the plain one-process run as well.
 Ranks are forked from this process, which imported megatron-core once (tests/dist/spawn.py).
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -60,10 +66,33 @@ def train(overrides: list[str], sequences: int, data: list[torch.Tensor] | None 
         from fwpkm_megatron.parallel.dist_checkpoint import save_distributed
 
         save_distributed(save_to, engine.chunks, engine.optimizer)
-    buffers = {n: b.clone() for n, b in engine.model.named_buffers() if ".state." in n}
-    return {"metrics": metrics, "fast": buffers, "shard": table_shards(groups)[0].index,
-            "grads": grads,
+    return {"metrics": metrics, "fast": memory_tensors(engine.model), "shard": table_shards(groups)[0].index,
+            "grads": grads, "moments": pkm_moments(engine),
             "sent": [dict(ex.sent) for ex in exchanges(engine.chunks)], "tp": groups.tp}
+
+
+def memory_tensors(model) -> dict[str, torch.Tensor]:
+    """The memory tables: FwPKM fast weights (buffers) and static PKM values (a Parameter), named by the
+    global layer id (a pipeline stage numbers its layers from 0)."""
+    tensors = {n: b for n, b in model.named_buffers() if ".state." in n}
+    tensors.update({n: p for n, p in model.named_parameters() if n.endswith("mlp.values")})
+    layers = {f"{n}.": f"{n.rsplit('.', 1)[0]}.{m.layer_number - 1}." for n, m in model.named_modules()
+              if hasattr(m, "layer_number") and n.rsplit(".", 1)[-1].isdigit()}
+    out = {}
+    for name, t in tensors.items():
+        local = next(prefix for prefix in layers if name.startswith(prefix))
+        out[layers[local] + name[len(local):]] = t.detach().clone()
+    return out
+
+
+def pkm_moments(engine) -> dict[str, torch.Tensor]:
+    """AdamW's exp_avg of each static PKM table (plain engine; {} for the distributed optimizer)."""
+    from fwpkm_megatron.parallel.dist_checkpoint import adamw_views
+
+    names = {id(p): n for n, p in engine.model.named_parameters() if n.endswith("mlp.values")}
+    return {names[id(model)]: adamw.state[main]["exp_avg"].clone()
+            for adamw, pairs in adamw_views(engine.optimizer) or []
+            for model, main in pairs if id(model) in names and main in adamw.state}
 
 
 def per_token_loss(engine, batch: torch.Tensor) -> torch.Tensor:
@@ -108,7 +137,8 @@ def dp2_worker(rank):
     mp = ["parallel.memory_parallel=2"]
     persistent = train(mp, 4)
     per_seq = train(mp + ["fwpkm.policy=per_sequence"], 4)
-    return persistent, per_seq, perturbation(mp + ["fwpkm.policy=per_sequence"], 4)
+    distributed = train(mp + ["optimizer.distributed=true"], 4)
+    return persistent, per_seq, perturbation(mp + ["fwpkm.policy=per_sequence"], 4), distributed
 
 
 def loaded(overrides: list[str], directory) -> dict:
@@ -118,7 +148,7 @@ def loaded(overrides: list[str], directory) -> dict:
 
     run, groups, engine = build(overrides)
     assert load_distributed(directory, engine.chunks, engine.optimizer)
-    return {"fast": {n: b.clone() for n, b in engine.model.named_buffers() if ".state." in n},
+    return {"fast": memory_tensors(engine.model), "moments": pkm_moments(engine),
             "shard": table_shards(groups)[0].index}
 
 
@@ -139,16 +169,18 @@ class LargeTensors(TorchDispatchMode):
 
 
 def no_full_tables(directory) -> tuple[list, list, list]:
-    """DP=4 x M=2 with a table larger than all slow weights together: build, 2 steps with full recompute
-    (the sparse sync between the 2 groups after each), a validation snapshot + eval + restore, checkpoint
-    save and load, all while recording tensors of the full table's size. Returns (what was recorded,
+    """DP=4 x M=2 with FwPKM and PKM tables larger than all other slow weights together: build, 2 steps
+    with full recompute (the sparse sync between the 2 groups after each), a validation snapshot + eval +
+    restore, checkpoint save and load, all while recording tensors of the full table's size. Returns (what was recorded,
     what a plain M=1 build records (the control), recompute vs no recompute metrics)."""
     from fwpkm_megatron.memory import restore_fast_weights, snapshot_fast_weights
     from fwpkm_megatron.model import build_model
     from fwpkm_megatron.parallel.dist_checkpoint import load_distributed, save_distributed
 
-    big = ["fwpkm.num_slots=1024", "fwpkm.d_v=128", "parallel.memory_parallel=2"]
-    full = 1024 * 128  # > all slow weights (~90K) together, so a flat gradient buffer is not mistaken for it
+    big = ["fwpkm.num_slots=1024", "fwpkm.d_v=128", "parallel.memory_parallel=2", "pkm.num_slots=1024", "pkm.d_v=128"]
+    # > all slow weights but the PKM table (~90K) together, so a flat gradient buffer is not mistaken for a
+    # table; the PKM table (a Parameter of the same size) must stay split too: values, grads, AdamW moments
+    full = 1024 * 128
     guard, metrics = LargeTensors(full), []
     with guard:
         run, groups, engine = build(big + ["parallel.recompute=true"])
@@ -189,15 +221,15 @@ def export_worker(rank, step_dir):
 
     config = load_config(None, BASE + ["parallel.memory_parallel=2"]).to_dict()
     model = build_from_distributed(Path(step_dir), config)[0]
-    return {n: b.clone() for n, b in model.named_buffers() if ".state." in n}
+    return memory_tensors(model)
 
 
-def gathered(results: list[dict], name: str) -> torch.Tensor:
-    """A fast-weight buffer as one process would hold it: values' column shards in shard order."""
+def gathered(results: list[dict], name: str, what: str = "fast") -> torch.Tensor:
+    """A memory tensor (or its grad, moment) as one process would hold it: values' column shards in shard order."""
     ordered = sorted(results, key=lambda r: r["shard"])
     if name.endswith("values"):
-        return torch.cat([r["fast"][name] for r in ordered], 1)
-    return ordered[0]["fast"][name]
+        return torch.cat([r[what][name] for r in ordered], 1)
+    return ordered[0][what][name]
 
 
 def assert_close(ref, got, what, atol=1e-6):
@@ -206,15 +238,33 @@ def assert_close(ref, got, what, atol=1e-6):
     assert torch.allclose(got, ref, rtol=RTOL, atol=atol), f"{what}: max abs error {err}"
 
 
+def assert_adam_close(ref, got, what, lr: float = 3e-3):
+    """Parameters after a few AdamW steps: AdamW divides each gradient by its running RMS, so an element
+    whose gradient is near zero (a slot few tokens read, where the sums cancel) turns fp32 rounding noise
+    into a step of up to lr. Hence: 99.5% of the elements within 1e-5, every element within lr/10
+    (measured, DP=2 x M=2 per_sequence: 1 of 2,048 at 9.8e-5, the first-step gradients within 1e-11)."""
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
+    err = (got - ref).abs()
+    assert (err > 1e-5).float().mean() <= 0.005 and err.max() <= lr / 10, \
+        f"{what}: {(err > 1e-5).sum()} of {err.numel()} elements off by > 1e-5, max {err.max():.3g}"
+
+
 def assert_same_run(ref: dict, ranks: list[dict], what: str, grads: bool = True) -> None:
     for step, (a, b) in enumerate(zip(ref["metrics"], ranks[0]["metrics"])):
         for name, x, y in (("loss", a[0], b[0]), ("grad_norm", a[1], b[1])):
             assert abs(x - y) <= RTOL * abs(x), f"{what}: step {step} {name} {y} vs one process {x}"
     for name in ref["fast"]:
-        assert_close(ref["fast"][name], gathered(ranks, name), f"{what}: final {name}", atol=1e-5)
+        check = assert_adam_close if name.endswith("mlp.values") else partial(assert_close, atol=1e-5)
+        check(ref["fast"][name], gathered(ranks, name), f"{what}: final {name}")
+    pkm = [name for name in ref["fast"] if name.endswith("mlp.values")]
+    assert pkm and all(ranks[0]["fast"][n].shape[1] * len(ranks) == ref["fast"][n].shape[1] for n in pkm), \
+        f"{what}: the static PKM table is not split over the {len(ranks)} ranks"
+    for name in pkm if ranks[0]["grads"] else []:  # reduced over the ranks holding the same columns only
+        assert_close(ref["grads"][name], gathered(ranks, name, "grads"), f"{what}: grad of {name}")
     if grads:
         for name, g in ref["grads"].items():
-            assert_close(g, ranks[0]["grads"][name], f"{what}: grad of {name}")
+            if name not in pkm:
+                assert_close(g, ranks[0]["grads"][name], f"{what}: grad of {name}")
 
 
 @pytest.fixture(scope="module")
@@ -227,12 +277,16 @@ def test_dp2_memory_parallel2_is_one_process_with_twice_the_micro_batch(referenc
     ranks = run_ranks(dp2_worker, 2)
     assert_same_run(persistent, [r[0] for r in ranks], "DP=2 x M=2 persistent")
     assert_same_run(per_seq, [r[1] for r in ranks], "DP=2 x M=2 per_sequence")
+    distributed = [r[3] for r in ranks]  # megatron's DistributedOptimizer: grads not kept on the parameters
+    assert_same_run(persistent, [dict(r, grads={}) for r in distributed], "DP=2 x M=2 distributed optimizer",
+                    grads=False)
     # each rank holds half of the table's columns (keys are replicated)
     values = [n for n in persistent["fast"] if n.endswith("values")]
     for name in values:
         assert ranks[0][0]["fast"][name].shape[1] * 2 == persistent["fast"][name].shape[1]
     sent = ranks[0][0]["sent"][0]
     assert sent[("read", "forward")] > 0 and sent[("write", "forward")] > 0 and sent[("read", "backward")] > 0
+    assert sent[("pkm", "forward")] > 0 and sent[("pkm", "backward")] > 0
     # per_sequence: global sequence 2 (rank 1's first) changed; every other sequence reads exactly as before
     (before0, after0), (before1, after1) = ranks[0][2], ranks[1][2]
     assert torch.equal(before0, after0), "rank 0's sequences saw rank 1's changed sequence"
@@ -260,25 +314,33 @@ def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_p
             assert abs(x - y) <= RTOL * abs(x), f"2 memory groups: step {step} {name} {y} vs emulation {x}"
     for name, full in ref_fast.items():
         assert_close(full, gathered(groups[:2], name), f"2 memory groups: {name}", atol=1e-5)
+    for name in groups[0]["fast"]:
         for a, b in ((groups[0], groups[2]), (groups[1], groups[3])):  # the groups' copies are identical
             assert torch.equal(a["fast"][name], b["fast"][name]), f"{name}: memory groups differ"
     synced = [m[2] for m in groups[0]["metrics"]]
     assert all(0 < s for s in synced), synced  # the written rows are synced, each step
 
-    # the checkpoint written at DP=4 x M=2 holds the same memory at M=1 and at TP=2 x M=2, bit for bit
-    for name in ref_fast:
+    # the checkpoint written at DP=4 x M=2 holds the same memory (and the PKM tables' AdamW moments) at M=1
+    # and at TP=2 x M=2, bit for bit
+    for name in groups[0]["fast"]:
         saved = gathered(groups[:2], name)
         for r in ranks:
             assert torch.equal(r[2]["fast"][name], saved), f"M=2 -> M=1: {name} differs"
         assert torch.equal(gathered([r[3] for r in ranks], name), saved), f"M=2 -> TP=2 x M=2: {name} differs"
+    for name in groups[0]["moments"]:
+        saved = gathered(groups[:2], name, "moments")
+        assert torch.equal(ranks[0][2]["moments"][name], saved), f"M=2 -> M=1: AdamW moment of {name} differs"
+        assert torch.equal(gathered([r[3] for r in ranks], name, "moments"), saved), f"M=2 -> TP=2 x M=2: {name}"
     # PP=2 x M=2 (1F1B, 2 micro-batches of 1 per rank) = one process with micro-batches of 2
     pp2 = [r[5] for r in ranks]
     for step, (a, b) in enumerate(zip(pipelined["metrics"], pp2[0]["metrics"])):
         for name, x, y in (("loss", a[0], b[0]), ("grad_norm", a[1], b[1])):
             assert abs(x - y) <= RTOL * abs(x), f"PP=2 x M=2: step {step} {name} {y} vs one process {x}"
-    holders = [r for r in pp2 if r["fast"]]  # stage 0 (world ranks 0 and 2) holds layer 0's memory
-    for name, full in pipelined["fast"].items():
-        assert_close(full, gathered(holders, name), f"PP=2 x M=2: {name}", atol=1e-5)
+    for name, full in pipelined["fast"].items():  # stage 0 holds layer 0's FwPKM, stage 1 layer 1's PKM
+        holders = [r for r in pp2 if name in r["fast"]]
+        assert len(holders) == 2, f"PP=2 x M=2: {name} on {len(holders)} ranks"
+        check = assert_adam_close if name.endswith("mlp.values") else partial(assert_close, atol=1e-5)
+        check(full, gathered(holders, name), f"PP=2 x M=2: {name}")
     # persistent_local: the two groups' memories differ and each comes back to its own group
     values = [n for n in ref_fast if n.endswith("values")]
     assert not torch.equal(ranks[0][6]["fast"][values[0]], ranks[2][6]["fast"][values[0]])
@@ -286,7 +348,7 @@ def test_tp2_memory_parallel2_two_memory_groups_and_checkpoints(reference, tmp_p
         for name, saved in r[6]["fast"].items():
             assert torch.equal(r[7]["fast"][name], saved), f"persistent_local M=2 reload: {name}"
     exported = run_ranks(export_worker, 1, str(tmp_path / "step"))[0]  # fwpkm-export's loader, one process
-    for name in ref_fast:
+    for name in groups[0]["fast"]:
         assert torch.equal(exported[name.removeprefix("0.")], gathered(groups[:2], name)), f"export: {name}"
 
     # no rank ever held a tensor of the full table's size; a plain M=1 build does (the guard works)
@@ -308,6 +370,14 @@ def test_memory_parallel_config_errors_name_the_keys():
                      "parallel.memory_parallel=3: fwpkm.addr_loss=false",
                      "parallel.memory_parallel=3: fwpkm.backend=triton"):
         assert expected in text, f"{expected!r} missing from:\n{text}"
+    with pytest.raises(ConfigError) as info:  # static PKM tables split over M: megatron DDP only, d_v divisible
+        load_config(None, BASE + ["parallel.memory_parallel=2", "deepspeed.zero_stage=1", "pkm.d_v=33"])
+    text = str(info.value)
+    for expected in ("parallel.memory_parallel=2 with pkm.layers and deepspeed.zero_stage=1: the static PKM tables "
+                     "are split over the memory group",
+                     "parallel.memory_parallel=2 with parallel.tp=1: pkm.d_v=33 must be divisible by "
+                     "tp * memory_parallel = 2"):
+        assert expected in text, f"{expected!r} missing from:\n{text}"
     problems = layout_problems(load_config(None, BASE + ["parallel.memory_parallel=2"]), 3)
     assert "parallel.memory_parallel=2: must divide the data-parallel size 3" in "\n".join(problems)
     with pytest.raises(ConfigError, match="parallel.memory_parallel=0: must be >= 1"):
@@ -315,5 +385,27 @@ def test_memory_parallel_config_errors_name_the_keys():
     # the docs' example (docs/parallelism.md, "Growing the memory with the cluster") is a valid layout
     paper = Path(__file__).resolve().parents[2] / "configs" / "paper-112m.yaml"
     scaled = load_config(str(paper), ["fwpkm.num_slots=1048576", "fwpkm.d_v=1024", "parallel.tp=4",
-                                      "parallel.memory_parallel=8"])
+                                      "parallel.memory_parallel=8", "deepspeed.zero_stage=-1",
+                                      "optimizer.distributed=true"])
     assert layout_problems(scaled, 32) == []
+
+
+def test_trainer_at_memory_parallel2_resumes_in_one_process(tiny_run, tmp_path):
+    import shutil
+
+    from test_dist_checkpoint import _trainer
+
+    common = ["train.steps=4", "train.eval_batches=1"]
+    group = [*common, "parallel.memory_parallel=2", "train.micro_batch_size=2", "train.save_every=2"]
+    full, _, _ = run_ranks(_trainer, 2, tiny_run(tmp_path / "m2", *group))[0]  # 2 x 2 = one process's 4
+    checkpoints = tmp_path / "single" / "checkpoints"
+    shutil.copytree(tmp_path / "m2", tmp_path / "single")
+    shutil.rmtree(checkpoints / "step_00000004")
+    (checkpoints / "latest").write_text("step_00000002")  # resume from the M=2 run's step 2
+    # the plain one-process trainer: dist checkpoint -> its own format; one AdamW over every parameter and
+    # the M=2 run's two (dense, PKM table), LR schedule from the dense one
+    losses, _, console = run_ranks(_trainer, 1, tiny_run(tmp_path / "single", *common))[0]
+    assert "another layout" in console, console
+    assert len(full) == len(losses) == 4
+    for i, (a, b) in enumerate(zip(full, losses)):
+        assert abs(a - b) <= RTOL * abs(a), f"M=2 -> one process: loss {i + 1}: {b} vs {a}"
