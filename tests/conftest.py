@@ -61,6 +61,26 @@ def tiny_run(tiny_overrides):
     return make
 
 
+@pytest.fixture(scope="session")
+def train_and_export():
+    """`train_and_export(run, out)` -> (last checkpoint step dir, export dir): trains `run` to its end
+    in this process, then exports its last checkpoint to `out`."""
+    import io
+
+    def make(run, out: Path):
+        from fwpkm_megatron.export import export_checkpoint
+        from fwpkm_megatron.training import Trainer
+
+        trainer = Trainer(run, console=io.StringIO())
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        return trainer.last_checkpoint, export_checkpoint(run.train.run_dir, out)
+
+    return make
+
+
 REPO_TMP = Path(__file__).resolve().parent.parent / ".pytest_tmp"  # gitignored
 _session_tmp: str | None = None
 

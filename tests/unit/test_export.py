@@ -17,7 +17,6 @@ The trained run and its export are built once per module (`exported`); new check
 from __future__ import annotations
 
 import ast
-import io
 import shutil
 
 import pytest
@@ -32,20 +31,11 @@ SEQ = 29  # 3 full chunks of 8 and a partial one of 5
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory):
+def exported(tiny_run, train_and_export, tmp_path_factory):
     """(run, checkpoint step dir, export dir) of a 3-step tiny run (FwPKM at layer 0, PKM at layer 1)."""
-    from fwpkm_megatron.export import export_checkpoint
-    from fwpkm_megatron.training import Trainer
-
     root = tmp_path_factory.mktemp("export")
     run = tiny_run(root / "run", *TRAIN)
-    trainer = Trainer(run, console=io.StringIO())
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    out = export_checkpoint(root / "run", root / "hf")
-    return run, trainer.last_checkpoint, out
+    return (run, *train_and_export(run, root / "hf"))
 
 
 def _megatron(run, step_dir, policy="persistent"):

@@ -13,7 +13,6 @@ Attention-only exports: tests/unit/test_export.py.
 """
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
@@ -59,19 +58,11 @@ def test_chunked_delta_rule_matches_recurrence_and_megatron(T):
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory):
+def exported(tiny_run, train_and_export, tmp_path_factory):
     """(run, checkpoint step dir, export dir) of a 2-step GDN hybrid run."""
-    from fwpkm_megatron.export import export_checkpoint
-    from fwpkm_megatron.training import Trainer
-
     root = tmp_path_factory.mktemp("export_gdn")
     run = tiny_run(root / "run", *GDN)
-    trainer = Trainer(run, console=io.StringIO())
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return run, trainer.last_checkpoint, export_checkpoint(root / "run", root / "hf")
+    return (run, *train_and_export(run, root / "hf"))
 
 
 def _hf(path, **overrides):
