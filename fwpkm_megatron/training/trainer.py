@@ -78,6 +78,7 @@ class Trainer:
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None
         self.val_loss: float | None = None
+        self._noted_val_size = False  # evaluate() says once when eval_batches re-read the val split
 
         self.engine = None   # ParallelEngine of a parallel run; None for the plain single-process step
         self.groups = None
@@ -382,6 +383,12 @@ class Trainer:
         cfg = self.run.train
         val_stream = build_loader(self.run.data, "val", batch_size=cfg.micro_batch_size,
                                   seq_len=cfg.seq_len, seed=cfg.seed, rank=self.dp_rank, world_size=self.dp)
+        if cfg.eval_batches > val_stream.batches_per_epoch and not self._noted_val_size:
+            self._noted_val_size = True  # once per run: the numbers do not change between evaluations
+            self.logger.console(
+                f"note: train.eval_batches={cfg.eval_batches} exceeds the {val_stream.batches_per_epoch} val "
+                f"global batches of micro_batch_size x DP = {val_stream.global_batch} sequences the val split "
+                "holds: later batches re-read its sequences (a persistent memory has seen them)")
         snapshot = snapshot_fast_weights(self.model)
         was_training = self.model.training
         total = 0.0
