@@ -191,7 +191,11 @@ class ParallelEngine:
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> float:
-        """Mean per-token loss of one batch [b, s+1] of this DP rank, averaged over DP (forward only)."""
+        """Mean per-token loss of one batch [b, s+1] of this DP rank, averaged over DP (forward only).
+
+        The forward writes fast weights as a training step's does; afterwards the memory groups'
+        `persistent` states are averaged as after a step, so consecutive eval batches see what
+        training would (a no-op with one memory group). Callers snapshot and restore fast weights."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         batch = batch.to(self.device, non_blocking=True)
@@ -200,6 +204,7 @@ class ParallelEngine:
             forward_step_func=self._forward_step, data_iterator=iterators,
             model=self.modules if len(self.modules) > 1 else self.modules[0], num_microbatches=1,
             seq_length=batch.shape[1] - 1, micro_batch_size=batch.shape[0], forward_only=True)
+        sync_fast_weights(self.chunks, self.groups, fast_weight_policy(self.run))
         return self._mean_loss(losses)
 
     def _mean_loss(self, losses: list[dict[str, torch.Tensor]]) -> float:

@@ -17,7 +17,7 @@ RNG is forked, and the val stream is rebuilt from scratch, so every evaluation s
 Parallel runs (world size > 1, `parallel.num_microbatches` > 1 or DeepSpeed on; launched by
 `fwpkm-launch`) take the same loop with `training/engine.py`'s `ParallelEngine` doing the step: megatron's
 schedules over TP x PP x DP, DP-averaged grads (or ZeRO), the DP sync of fast weights. Each DP rank
-reads its own share of the stream. Parallel runs write distributed checkpoints (model, fast weights and
+reads its own share of the train and val streams. Parallel runs write distributed checkpoints (model, fast weights and
 AdamW moments through megatron `dist_checkpointing`, the rest per rank; `checkpoint.py`), which resume
 at any layout, also in one process; a single-process run keeps the single-process format.
 """
@@ -78,6 +78,7 @@ class Trainer:
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None
         self.val_loss: float | None = None
+        self._noted_val_size = False  # evaluate() says once when eval_batches re-read the val split
 
         self.engine = None   # ParallelEngine of a parallel run; None for the plain single-process step
         self.groups = None
@@ -111,6 +112,7 @@ class Trainer:
             state, saved_config = ckpt.load_sharded_checkpoint(resume_from, rank, world)
 
         dp_rank, dp = (0, 1) if self.groups is None else (self.groups.dp_rank, self.groups.dp)
+        self.dp_rank, self.dp = dp_rank, dp  # train and val streams are split over DP alike
         self.train_stream = build_loader(run.data, "train", batch_size=cfg.micro_batch_size,
                                          seq_len=cfg.seq_len, seed=cfg.seed, rank=dp_rank, world_size=dp)
         try:
@@ -365,8 +367,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean val loss over `eval_batches` batches of a freshly built val stream; logs val/loss, val/ppl.
+        """Mean val loss over `eval_batches` global batches of a freshly built val stream; logs val/loss, val/ppl.
 
+        The val stream is split over DP as the train stream is: each DP rank evaluates its
+        `micro_batch_size` sequences of a global batch of micro_batch_size x DP, so a memory group
+        (`parallel.memory_parallel`) reads and writes the group's batch as one process with the group's
+        micro-batch would; the loss is averaged over DP ranks (equal token counts: token-weighted), and
+        the memory groups' `persistent` states are averaged after each batch as after a training step.
         Fast weights, RNG states and the train/eval mode are restored afterwards, so evaluating
         never changes the training trajectory.
         """
@@ -375,7 +382,13 @@ class Trainer:
 
         cfg = self.run.train
         val_stream = build_loader(self.run.data, "val", batch_size=cfg.micro_batch_size,
-                                  seq_len=cfg.seq_len, seed=cfg.seed)
+                                  seq_len=cfg.seq_len, seed=cfg.seed, rank=self.dp_rank, world_size=self.dp)
+        if cfg.eval_batches > val_stream.batches_per_epoch and not self._noted_val_size:
+            self._noted_val_size = True  # once per run: the numbers do not change between evaluations
+            self.logger.console(
+                f"note: train.eval_batches={cfg.eval_batches} exceeds the {val_stream.batches_per_epoch} val "
+                f"global batches of micro_batch_size x DP = {val_stream.global_batch} sequences the val split "
+                "holds: later batches re-read its sequences (a persistent memory has seen them)")
         snapshot = snapshot_fast_weights(self.model)
         was_training = self.model.training
         total = 0.0

@@ -14,7 +14,7 @@ What this proves, on the 2-layer GPT of test_parallel.py (FwPKM layer 0, static 
   a validation snapshot, checkpoint save and load), and full recompute under M=2 equals no recompute;
 - every rank holds 1/(TP*M) of the table (values bytes), and the exchange reports its bytes;
 - the Trainer at DP=2 x M=2 (micro-batch 2 per rank), resumed from its step-2 checkpoint in one process
-  with micro-batch 4 (the same computation), gives every loss of the uninterrupted M=2 run.
+  with micro-batch 4 (the same computation), gives every loss and the val loss of the uninterrupted M=2 run.
 The static PKM table (layer 1) is split over TP x M too: its values, their first-step gradients (reduced
 only over the ranks holding the same columns) and their AdamW moments are compared gathered, like the
 fast weights; megatron's DistributedOptimizer at DP=2 x M=2 equals the plain one-process run as well.
@@ -391,11 +391,14 @@ def test_memory_parallel_config_errors_name_the_keys():
 
 
 def test_trainer_at_memory_parallel2_resumes_in_one_process(tiny_run, tmp_path):
+    """Losses and the final val loss (2 val batches, each split over the group's DP ranks, the second
+    reading what the first wrote) equal one process with the group's micro-batch."""
+    import json
     import shutil
 
     from test_dist_checkpoint import _trainer
 
-    common = ["train.steps=4", "train.eval_batches=1"]
+    common = ["train.steps=4", "train.eval_batches=2"]
     group = [*common, "parallel.memory_parallel=2", "train.micro_batch_size=2", "train.save_every=2"]
     full, _, _ = run_ranks(_trainer, 2, tiny_run(tmp_path / "m2", *group))[0]  # 2 x 2 = one process's 4
     checkpoints = tmp_path / "single" / "checkpoints"
@@ -409,3 +412,6 @@ def test_trainer_at_memory_parallel2_resumes_in_one_process(tiny_run, tmp_path):
     assert len(full) == len(losses) == 4
     for i, (a, b) in enumerate(zip(full, losses)):
         assert abs(a - b) <= RTOL * abs(a), f"M=2 -> one process: loss {i + 1}: {b} vs {a}"
+    val_m2, val_single = (json.loads((tmp_path / name / "summary.json").read_text())["val_loss"]
+                          for name in ("m2", "single"))
+    assert abs(val_m2 - val_single) <= RTOL * abs(val_single), f"val loss: M=2 {val_m2}, one process {val_single}"

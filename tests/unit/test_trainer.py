@@ -96,15 +96,20 @@ def test_evaluation_leaves_state_unchanged_and_sees_same_batches(finished_run, t
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     run = _config_of(copy)
-    trainer = Trainer(run, console=io.StringIO())  # resumes at step 6: nothing left to train
+    console = io.StringIO()
+    trainer = Trainer(run, console=console)  # resumes at step 6: nothing left to train
     try:
         before = trainer.state_dict()
         first, second = trainer.evaluate(), trainer.evaluate()
         after = trainer.state_dict()
+        assert "note: train.eval_batches" not in console.getvalue()
+        trainer.run.train.eval_batches = 3  # the tiny val split holds 2 batches of 4: the third re-reads
+        trainer.evaluate(), trainer.evaluate()
     finally:
         trainer.close()
     assert first == second == summary["val_loss"]
     _assert_same(before, after)
+    assert console.getvalue().count("note: train.eval_batches=3 exceeds the 2 val global batches") == 1, console
 
 
 def _config_of(run_dir: Path):
