@@ -223,3 +223,39 @@ def read_eval_records(data_path: str | os.PathLike) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{lineno}: not a recall record ({exc})") from None
         records.append(rec)
     return records
+
+
+def niah_records(data_path: str | os.PathLike, *, lengths, per_length: int, seed: int,
+                 num_needles: int = 5) -> list[dict[str, Any]]:
+    """NIAH-style records from a recall corpus's pools, for `eval.niah.evaluate_niah` (reads 1..n).
+
+    Record i of length L (its own draw, `seed` should differ from the corpus's seeds): `num_needles`
+    "k v" pairs (distinct keys) at uniform depths in L - 1 - 2 * num_needles filler words, every one at
+    least min_gap words before the end, so the question sits beyond the attention reach of all of them;
+    the prompt is one needle's key and the answer its value (one word, so exact match = top-1).
+    """
+    sidecar = Path(data_path) / SIDECAR
+    if not sidecar.is_file():
+        raise DataError(f"{data_path}: has no {SIDECAR} (not made by `fwpkm-prep recall`)")
+    info = json.loads(sidecar.read_text())
+    spec, pools = RecallSpec(**info["spec"]), info["pools"]
+    records = []
+    for length in lengths:
+        hay_len = length - 1 - 2 * num_needles
+        if hay_len <= spec.min_gap or num_needles > spec.keys:
+            raise DataError(f"length={length}: too short for {num_needles} needles placed min_gap={spec.min_gap} "
+                            f"before the question (or more needles than keys={spec.keys})")
+        for i in range(per_length):
+            rng = np.random.default_rng([seed, length, i])
+            keys = [pools["keys"][j] for j in rng.choice(spec.keys, size=num_needles, replace=False)]
+            values = [pools["values"][j] for j in rng.integers(spec.values, size=num_needles)]
+            depths = rng.uniform(0.0, 1.0, size=num_needles)
+            words = [pools["filler"][j] for j in rng.integers(spec.filler, size=hay_len)]
+            for j in np.argsort(-depths):  # deepest first, so earlier insertion points stay put
+                at = int(round(depths[j] * (hay_len - spec.min_gap)))
+                words[at:at] = [keys[j], values[j]]
+            target = int(rng.integers(num_needles))
+            records.append({"id": f"recall-niah-{length}-{i}", "length": length, "context": " ".join(words),
+                            "prompt": " " + keys[target], "answer": values[target],
+                            "depths": [float(d) for d in depths], "target_index": target})
+    return records
