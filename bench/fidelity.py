@@ -1,6 +1,6 @@
 """Research fidelity at CPU scale: do the paper's findings hold for small models trained here?
 
-    .venv/bin/python bench/fidelity.py [--out runs/fidelity] [--steps 150]      # default: (a) (b) (c) (d)
+    .venv/bin/python bench/fidelity.py [--out runs/fidelity] [--steps 100]      # default: (a) (b) (c) (d)
     .venv/bin/python bench/fidelity.py --full               # + (e); 500 recall steps, 10 NIAH records per length
     .venv/bin/python bench/fidelity.py --variants fwpkm noaddr                   # a subset (rows resume)
 
@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,7 @@ def _command(args, key: str) -> str:
 
 
 def _train(run) -> tuple[Trainer, dict]:
+    shutil.rmtree(run.train.run_dir, ignore_errors=True)  # a fresh run: never resume another request's checkpoint
     trainer = Trainer(run)
     t0 = time.perf_counter()
     summary = trainer.train()
@@ -143,7 +145,7 @@ def run_text_variant(args, key: str) -> dict:
     return {"key": key, "finding": finding, "label": label, "overrides": overrides, **row}
 
 
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 100
 FULL_STEPS = 500  # the recall notes' setup that learned recall
 
 
