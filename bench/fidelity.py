@@ -252,9 +252,15 @@ def report(out: Path, rows: list[dict], meta: dict) -> None:
         md += ["", f"Command: `{fw['command']}`", ""]
     text = [r for r in rows if r["finding"] == "e"]
     if text:
-        md += ["| (e) natural text | steps | val loss | val ppl | train s | command |", "|---|---:|---:|---:|---:|---|"]
-        md += [f"| {r['label']} | {r['steps']} | {r['eval']['persistent']['loss']:.3f} | "
-               f"{r['eval']['persistent']['ppl']:.2f} | {r['train_seconds']:.0f} | `{r['command']}` |" for r in text]
+        md += ["| (e) natural text | steps | trainer val loss | loss (segments in order) | ppl | loss at positions "
+               "0-63 / 64-127 / 128-191 / 192-255 | train s | command |", "|---|---:|---:|---:|---:|---|---:|---|"]
+        for r in text:
+            e = r["eval"]["persistent"]
+            c = e["loss_by_position"]
+            q = len(c) // 4
+            quarters = " / ".join(f"{sum(c[i * q:(i + 1) * q]) / q:.3f}" for i in range(4))
+            md.append(f"| {r['label']} | {r['steps']} | {r['val_loss']:.3f} | {e['loss']:.3f} | {e['ppl']:.2f} | "
+                      f"{quarters} | {r['train_seconds']:.0f} | `{r['command']}` |")
         md.append("")
     (out / "results.md").write_text("\n".join(md) + "\n")
     _plots(out, recall, fw, text)
