@@ -146,7 +146,7 @@ def run_text_variant(args, key: str) -> dict:
 
 
 DEFAULT_STEPS = 100
-FULL_STEPS = 500  # the recall notes' setup that learned recall
+FULL_STEPS = 500  # the trial runs in which this setup first learned recall
 
 
 def main() -> None:
