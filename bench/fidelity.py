@@ -237,7 +237,8 @@ def report(out: Path, rows: list[dict], meta: dict) -> None:
         md += ["", f"Command: `{fw['command']}`", ""]
     mem = [r for r in recall if r["eval"]["per_sequence"].get("memory")]
     if mem:
-        md += ["| memory statistics (eval reads, per_sequence) | coverage | collision rate | KL to uniform | gate mean |",
+        md += ["| memory statistics (eval reads, per_sequence) | coverage | collision rate | KL to uniform "
+               "| gate mean |",
                "|---|---:|---:|---:|---:|"]
         for r in mem:
             for layer, s in r["eval"]["per_sequence"]["memory"].items():
@@ -317,7 +318,8 @@ def _plots(out: Path, recall: list[dict], fw: dict | None, text: list[dict]) -> 
         for r in text:
             curve = torch.tensor(r["eval"]["persistent"]["loss_by_position"])
             smooth = torch.nn.functional.avg_pool1d(curve[None, None], 8, 8)[0, 0]
-            ax.plot(torch.arange(len(smooth)) * 8 + 4, smooth, label=f"{r['label']} (ppl {r['eval']['persistent']['ppl']:.1f})")
+            ppl = r["eval"]["persistent"]["ppl"]
+            ax.plot(torch.arange(len(smooth)) * 8 + 4, smooth, label=f"{r['label']} (ppl {ppl:.1f})")
         ax.set_xlabel("position in the 256-token segment")
         ax.set_ylabel("loss (nats), 8-token means")
         ax.legend()
