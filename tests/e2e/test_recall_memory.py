@@ -10,6 +10,7 @@ fails if that path is silently broken (e.g. a write delta that is always zero: t
 Measured (2 CPU cores, 40 steps, 113 target tokens): writing 1.51 nats / 94% top-1 vs frozen 2.98 nats / 6%
 (chance ln 16 = 2.77); the margins asked for, 0.75 nat and 50 points of accuracy, leave half of the loss gap
 and 38 points as headroom. With the value write delta zeroed by hand: writing 2.895 = frozen 2.895 (fails).
+Runtime: 44 s on 2 nearly idle cores (load average 1.3), one thread.
 """
 from __future__ import annotations
 
