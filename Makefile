@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # on a GPU cluster bring your own CUDA torch and `pip install -e .`.
 CPU_PINS := torch==2.13.0 deepspeed==0.19.8 megatron-core==0.16.1 triton==3.9.0 mosaicml-streaming==0.13.0 \
             tensorboard==2.21.0 submitit==1.5.4 tokenizers==0.22.2 safetensors==0.8.0 pyarrow==26.0.1 \
-            zstandard==0.25.0 boto3==1.44.8 'moto[server]==5.2.5'
+            zstandard==0.25.0 boto3==1.44.8 'moto[server]==5.2.5' matplotlib==3.11.2
 # Second step: mosaicml-streaming 0.13 declares transformers<5 yet runs with 5.x, which the export and
 # lm-eval need, so pip cannot resolve both in one command (it warns about the declared conflict).
 EVAL_PINS := transformers==5.24.0 'lm-eval[hf]==0.4.13' tokenizers==0.23.3

@@ -32,7 +32,8 @@ setup(
     # transformers<5 but runs with 5.x; see the Makefile and docs/evaluation.md. The exported model's
     # code runs on transformers 4.57 and 5.x (export/hf/configuration_fwpkm.py: TRANSFORMERS_RANGE).
     extras_require={
-        "test": ["pytest>=8", "moto[server]>=5.1"],  # moto: a local S3 endpoint for the data tests
+        "test": ["pytest>=8", "moto[server]>=5.1", "matplotlib>=3.8"],  # moto: a local S3 endpoint for the data
+                                                                       # tests; matplotlib: eval and bench plots
         "eval": ["transformers>=4.57,<6", "lm-eval[hf]>=0.4.13", "matplotlib>=3.8"],
         # model.mixer=gdn on CUDA: fla's chunked gated-delta-rule kernels (megatron's GatedDeltaNet imports
         # them) and the fused causal conv. Never installed on CPU: parallel/mcore_cpu.py runs megatron's

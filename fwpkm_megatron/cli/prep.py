@@ -1,5 +1,6 @@
-"""fwpkm-prep: tokenize a corpus into packed MDS shards (fwpkm_megatron/data/prepare.py), or build a
-NIAH evaluation set from a prepared corpus (fwpkm_megatron/data/niah.py).
+"""fwpkm-prep: tokenize a corpus into packed MDS shards (fwpkm_megatron/data/prepare.py), build a
+NIAH evaluation set from a prepared corpus (fwpkm_megatron/data/niah.py), or generate and prepare a
+synthetic associative-recall corpus (fwpkm_megatron/data/recall.py).
 
     fwpkm-prep --out data/stdlib --max-mb 8                  # the running Python's stdlib, 8 MB of it
     fwpkm-prep --out data/web --input 'corpus/*.jsonl' --text-field text --tokenizer tokenizer.json \\
@@ -7,6 +8,7 @@ NIAH evaluation set from a prepared corpus (fwpkm_megatron/data/niah.py).
     fwpkm-prep --out /nvme/web --remote s3://bucket/datasets/web --input 's3://bucket/corpus/*.jsonl.zst' \\
                --tokenizer path/to/hf_tokenizer_dir --eos-token '</s>' --workers 32
     fwpkm-prep niah --data data/web --out eval/niah.jsonl --lengths 4096 8192 --per-length 20
+    fwpkm-prep recall --out data/recall --docs 4000 --min-gap 32 --seed 0 --eval-seed 1
 
 Rerunning with the same arguments on a complete prep reuses it (exit 0); a different request needs
 --overwrite. A killed prep resumes where it stopped when rerun with the same arguments. Data errors
@@ -26,7 +28,8 @@ from fwpkm_megatron.data import DataError, existing_prep, prepare_corpus
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fwpkm-prep", description=__doc__.split("\n")[0],
-                                epilog="fwpkm-prep niah --help: the NIAH generator")
+                                epilog="fwpkm-prep niah --help: the NIAH generator; "
+                                       "fwpkm-prep recall --help: the associative-recall corpus")
     p.add_argument("--out", required=True, help="local directory to write (DataConfig path, or data.local)")
     p.add_argument("--remote", help="also upload the prepared directory here (s3://bucket/prefix, gs://...; "
                                     "DataConfig data.remote)")
@@ -71,6 +74,47 @@ def _niah_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _recall_parser() -> argparse.ArgumentParser:
+    from fwpkm_megatron.data.recall import RecallSpec
+
+    d = RecallSpec()
+    p = argparse.ArgumentParser(prog="fwpkm-prep recall", description="Generate and prepare an associative-recall "
+                                "corpus: key->value items, filler longer than the attention reach, queries.")
+    p.add_argument("--out", required=True, help="the prepared directory to write")
+    p.add_argument("--docs", type=int, default=d.docs, help="training documents (train + val split)")
+    p.add_argument("--eval-docs", type=int, default=d.eval_docs, help="held-out documents (recall_eval.jsonl)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="words = tokens per document (+ EOS)")
+    p.add_argument("--keys", type=int, default=d.keys, help="key pool size")
+    p.add_argument("--values", type=int, default=d.values, help="value pool size (chance loss ln(values))")
+    p.add_argument("--filler", type=int, default=d.filler, help="filler pool size")
+    p.add_argument("--pairs", type=int, nargs=2, default=[d.min_pairs, d.max_pairs], metavar=("MIN", "MAX"),
+                   help="pairs defined per document")
+    p.add_argument("--gap", type=int, nargs=2, default=[d.min_gap, d.max_gap], metavar=("MIN", "MAX"),
+                   help="filler words before each query block; MIN above the attention reach")
+    p.add_argument("--seed", type=int, default=d.seed, help="training documents")
+    p.add_argument("--eval-seed", type=int, default=d.eval_seed, help="held-out documents (must differ)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def _recall(argv: list[str]) -> int:
+    from fwpkm_megatron.data.recall import RecallSpec, write_recall
+
+    a = _recall_parser().parse_args(argv)
+    spec = RecallSpec(docs=a.docs, eval_docs=a.eval_docs, seq_len=a.seq_len, keys=a.keys, values=a.values,
+                      filler=a.filler, min_pairs=a.pairs[0], max_pairs=a.pairs[1], min_gap=a.gap[0],
+                      max_gap=a.gap[1], seed=a.seed, eval_seed=a.eval_seed, val_fraction=a.val_fraction)
+    try:
+        manifest = write_recall(a.out, spec, overwrite=a.overwrite, progress=sys.stderr.isatty())
+    except DataError as exc:
+        for line in str(exc).splitlines():
+            print(f"fwpkm-prep recall: error: {line}", file=sys.stderr)
+        return 2
+    print(f"fwpkm-prep recall: wrote {a.out}\n{_summary(manifest)}")
+    return 0
+
+
 def _summary(manifest: dict) -> str:
     src, splits = manifest["source"], manifest["splits"]
     lines = [f"  source   {src['files']} files, {src['bytes'] / 1e6:.2f} MB ({src['kind']})",
@@ -108,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if argv[:1] == ["niah"]:
         return _niah(argv[1:])
+    if argv[:1] == ["recall"]:
+        return _recall(argv[1:])
     args = _parser().parse_args(argv)
     kwargs = dict(inputs=args.input, tokenizer_path=args.tokenizer, vocab_size=args.vocab_size,
                   seq_len=args.seq_len, val_fraction=args.val_fraction, seed=args.seed,
