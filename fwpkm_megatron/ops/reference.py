@@ -169,27 +169,24 @@ class _StoreStep(torch.autograd.Function):
 
 
 class RowStore:
-    """`RowOverlay`'s state for a scan: the rows written so far in a preallocated, in-place store.
+    """`RowOverlay`'s state for a scan: the rows written so far in one growing, in-place store.
 
     Row id r (s*N + i with `streams` S > 1) lives at store position `slot[r]` (-1: untouched, read from
     the base). A write is held back and applied by the next read (`_StoreStep`), so autograd sees a
     chain of in-place links whose backward costs O(rows read + written) per chunk, not O(rows touched).
-    `capacity` bounds the rows ever written (the scan passes its reads' count; the default is S*N).
+    The store doubles when full (a `cat`, O(U) once per doubling), so it stays O(rows touched).
     The same values as `RowOverlay`, forward and backward.
     """
 
-    def __init__(self, base: torch.Tensor, streams: int = 1, capacity: int | None = None,
+    def __init__(self, base: torch.Tensor, streams: int = 1,
                  written: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.base = base
         self.num_slots, self.streams = base.shape[0], streams
-        total = self.num_slots * streams
-        held = 0 if written is None else written[0].numel()
-        cap = total if capacity is None else min(total, held + capacity)
-        self.store = base.new_zeros(max(cap, 1), base.shape[1])
-        self.slot = torch.full((total,), -1, dtype=torch.long, device=base.device)
+        self.store = base.new_zeros(1, base.shape[1])
+        self.slot = torch.full((self.num_slots * streams,), -1, dtype=torch.long, device=base.device)
         self.used = 0
         self.pending = None
-        if written is not None and held:
+        if written is not None and written[0].numel():
             self.add(written[0], written[1], fresh=True)
 
     def base_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -219,7 +216,8 @@ class RowStore:
         count = int(new.sum())
         if count:
             if self.used + count > self.store.shape[0]:
-                raise ValueError(f"RowStore capacity {self.store.shape[0]} exceeded (the scan's bound is wrong)")
+                grow = max(self.store.shape[0], self.used + count - self.store.shape[0])
+                self.store = torch.cat([self.store, self.store.new_zeros(grow, self.store.shape[1])])
             pos = pos.masked_scatter(new, torch.arange(self.used, self.used + count, device=pos.device))
             self.slot[rows] = pos
             self.used += count
@@ -331,7 +329,7 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
     if written is not None and streams > 1:
         rows, row_values = written
         written = ((offsets.view(B, 1) + rows).reshape(-1), row_values.repeat(streams, 1))
-    table = RowStore(values, streams, capacity=B * T * H * top_k, written=written)  # writes <= reads
+    table = RowStore(values, streams, written=written)
     outs, idxs = [], []
     diag = ScanDiagnostics(q.device) if diagnostics else None
     for q_c, v_c, gate in zip(q.split(chunk_size, 1), v.split(chunk_size, 1), g.split(chunk_size, 1)):

@@ -18,7 +18,7 @@ def _run(cls, base, p, w0, *, streams, chunks, gen_seed):
     n, d = base.shape[0] * streams, base.shape[1]
     rows0 = torch.tensor([1, 4, n - 1])
     if cls is RowStore:
-        table = RowStore(base, streams, capacity=n, written=(rows0, w0))
+        table = RowStore(base, streams, written=(rows0, w0))
     else:
         table = RowOverlay(base, streams)
         table.rows, table.row_values = rows0, w0
