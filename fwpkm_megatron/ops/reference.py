@@ -8,7 +8,9 @@ C chunk, d_k query width (each codebook sees d_k/2), d_v value width, M = any fl
 
 The value table is never copied per chunk: a scan keeps the rows it has written in a small
 `RowOverlay` (rows touched so far and their current, differentiable values) on top of the untouched
-base table, so memory is O(rows touched), not O(N) per chunk (design decision 9).
+base table, so memory is O(rows touched), not O(N) per chunk (design decision 9). The single-process
+scans hold the same state in a `RowStore`, written in place, whose backward costs O(rows read + written)
+per chunk (docs/performance.md, "Scaling of the memory's hot path").
 """
 from __future__ import annotations
 
