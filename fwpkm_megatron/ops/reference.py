@@ -8,7 +8,9 @@ C chunk, d_k query width (each codebook sees d_k/2), d_v value width, M = any fl
 
 The value table is never copied per chunk: a scan keeps the rows it has written in a small
 `RowOverlay` (rows touched so far and their current, differentiable values) on top of the untouched
-base table, so memory is O(rows touched), not O(N) per chunk (design decision 9).
+base table, so memory is O(rows touched), not O(N) per chunk (design decision 9). The single-process
+scans hold the same state in a `RowStore`, written in place, whose backward costs O(rows read + written)
+per chunk (docs/performance.md, "Scaling of the memory's hot path").
 """
 from __future__ import annotations
 
@@ -140,6 +142,97 @@ class RowOverlay:
         return self.base.index_copy(0, self.rows, self.row_values)
 
 
+class _StoreStep(torch.autograd.Function):
+    """store[write_pos] += x in place, then reads = store[read_pos]: one link of a `RowStore`'s chain.
+
+    Each version of the store has exactly one consumer (the next link), so the backward owns the
+    store's gradient: it adds the reads' gradients into it at read_pos and hands it on, O(reads + writes)
+    per link instead of a dense [U, d_v] gradient per gather. Under create_graph the same sums run out
+    of place as recorded ops, so the second-order path stays exact (the link is linear in store and x).
+    """
+
+    @staticmethod
+    def forward(ctx, store, x, write_pos, read_pos):
+        store.index_add_(0, write_pos, x)
+        ctx.mark_dirty(store)
+        ctx.save_for_backward(write_pos, read_pos)
+        return store, store.index_select(0, read_pos)
+
+    @staticmethod
+    def backward(ctx, grad_store, grad_reads):
+        write_pos, read_pos = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable, out of place
+            grad_store = grad_store.index_add(0, read_pos, grad_reads)
+        else:
+            if grad_store._base is not None or not grad_store.is_contiguous():
+                grad_store = grad_store.contiguous().clone()
+            grad_store.index_add_(0, read_pos, grad_reads)
+        return grad_store, grad_store.index_select(0, write_pos), None, None
+
+
+class RowStore:
+    """`RowOverlay`'s state for a scan: the rows written so far in one growing, in-place store.
+
+    Row id r (s*N + i with `streams` S > 1) lives at store position `slot[r]` (-1: untouched, read from
+    the base). A write is held back and applied by the next read (`_StoreStep`), so autograd sees a
+    chain of in-place links whose backward costs O(rows read + written) per chunk, not O(rows touched).
+    The store doubles when full (a `cat`, O(U) once per doubling), so it stays O(rows touched).
+    The same values as `RowOverlay`, forward and backward.
+    """
+
+    def __init__(self, base: torch.Tensor, streams: int = 1,
+                 written: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.base = base
+        self.num_slots, self.streams = base.shape[0], streams
+        self.store = base.new_zeros(1, base.shape[1])
+        self.slot = torch.full((self.num_slots * streams,), -1, dtype=torch.long, device=base.device)
+        self.used = 0
+        self.pending = None
+        if written is not None and written[0].numel():
+            self.add(written[0], written[1], fresh=True)
+
+    def base_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Untouched rows for flat row ids [M] -> [M, d_v] (index_select: far cheaper than [] on CPU)."""
+        return self.base.index_select(0, ids if self.streams == 1 else ids % self.num_slots)
+
+    def _step(self, read_pos: torch.Tensor) -> torch.Tensor:
+        write_pos, x = self.pending if self.pending is not None else (
+            read_pos.new_empty(0), self.store.new_empty(0, self.store.shape[1]))
+        self.pending = None
+        self.store, reads = _StoreStep.apply(self.store, x, write_pos, read_pos)
+        return reads
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Current rows for any index tensor: idx [...] -> [..., d_v]."""
+        flat = idx.reshape(-1)
+        pos = self.slot[flat]
+        reads = self._step(pos.clamp_min(0))
+        return torch.where((pos >= 0)[:, None], reads, self.base_rows(flat)).view(*idx.shape, -1)
+
+    def add(self, rows: torch.Tensor, delta: torch.Tensor, fresh: bool = False) -> None:
+        """values[rows] += delta for unique `rows` (applied by the next read); `fresh`: delta is the row's value."""
+        if self.pending is not None:
+            self._step(rows.new_empty(0))
+        pos = self.slot[rows]
+        new = pos < 0
+        count = int(new.sum())
+        if count:
+            if self.used + count > self.store.shape[0]:
+                grow = max(self.store.shape[0], self.used + count - self.store.shape[0])
+                self.store = torch.cat([self.store, self.store.new_zeros(grow, self.store.shape[1])])
+            pos = pos.masked_scatter(new, torch.arange(self.used, self.used + count, device=pos.device))
+            self.slot[rows] = pos
+            self.used += count
+            if not fresh:
+                delta = torch.where(new[:, None], delta + self.base_rows(rows).to(delta.dtype), delta)
+        self.pending = (pos, delta.to(self.store.dtype))
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [U] sorted unique, their values [U, d_v]) after every write so far."""
+        rows = (self.slot >= 0).nonzero().view(-1)
+        return rows, self._step(self.slot[rows])
+
+
 def value_write(idx, weight, v_hat, target, gate, has_target, *, value_lr: float = 1.0):
     """Closed-form value step of one chunk (method Eqs. 13-15 and 3.4, "exact value step").
 
@@ -227,21 +320,18 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
     """One state shared by the whole batch, read-then-write per chunk (starting from `written` rows, if any).
 
     With `streams` = B every sequence has its own state instead (per_sequence), all run as one batch:
-    keys [B, H, 2, R, d_k/2] and a B-stream `RowOverlay`; the result then holds those private states
+    keys [B, H, 2, R, d_k/2] and a B-stream `RowStore`; the result then holds those private states
     (row ids s*N + i). The inputs are split into chunks once, so no chunk costs O(T).
     """
     B, T, H, _ = q.shape
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys, values))
-    table = RowOverlay(values, streams)
     if streams > 1:
         keys = keys.unsqueeze(0).repeat(streams, *([1] * keys.dim()))        # [B, H, 2, R, d_k/2]
         offsets = (torch.arange(B, device=q.device) * values.shape[0]).view(B, 1, 1, 1)
-    if written is not None:
+    if written is not None and streams > 1:
         rows, row_values = written
-        if streams > 1:
-            rows = (offsets.view(B, 1) + rows).reshape(-1)
-            row_values = row_values.repeat(streams, 1)
-        table.rows, table.row_values = rows, row_values
+        written = ((offsets.view(B, 1) + rows).reshape(-1), row_values.repeat(streams, 1))
+    table = RowStore(values, streams, written=written)
     outs, idxs = [], []
     diag = ScanDiagnostics(q.device) if diagnostics else None
     for q_c, v_c, gate in zip(q.split(chunk_size, 1), v.split(chunk_size, 1), g.split(chunk_size, 1)):
@@ -279,7 +369,7 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
             keys = keys.detach()
         outs.append(v_hat)
         idxs.append(idx)
-    return ScanResult(torch.cat(outs, 1), keys, table.rows, table.row_values, torch.cat(idxs, 1),
+    return ScanResult(torch.cat(outs, 1), keys, *table.state(), torch.cat(idxs, 1),
                       diagnostics=None if diag is None else diag.result())
 
 
