@@ -5,7 +5,8 @@
     .venv/bin/python bench/fidelity.py --variants fwpkm noaddr                   # a subset (rows resume)
 
 Findings (docs/results.md reports them; method notes 5.2, 5.7):
-  (a) recall beyond the attention window: no memory / static PKM / FwPKM / PKM + FwPKM, trained alike on
+  (a) recall beyond the attention window: no memory / static PKM / FwPKM / PKM + FwPKM, and a GDN + SWA
+      hybrid without and with FwPKM, trained alike on
       `fwpkm-prep recall` documents, scored on held-out documents (their own seed) by the loss and top-1
       accuracy of the queried value tokens;
   (b) test-time memorisation: the FwPKM model of (a) read per_sequence vs persistent vs frozen;
@@ -50,11 +51,18 @@ RECALL_BASE = ["model.num_layers=2", "model.hidden_size=128", "model.num_attenti
                "train.lr=1e-3", "train.min_lr=1e-4", "train.warmup_steps=50", "train.log_every=50",
                "train.eval_batches=4", "train.threads=1"]
 FW, PKM = "fwpkm.layers=[0]", "pkm.layers=[1]"
+# The paper's GDN:SWA = 3:1 hybrid cut to 2 layers: a Gated DeltaNet mixer at layer 0 (4 heads x 32, as
+# configs/tiny-gdn.yaml) and the same window-16 attention at layer 1, so FwPKM again sits before layer 0's
+# mixer, now a GDN one as in the paper. The GDN state has unbounded reach: nothing stops it recalling alone.
+GDN = ["model.mixer=gdn", "model.attention_layers=[1]", "model.gdn_num_key_heads=4", "model.gdn_num_value_heads=4",
+       "model.gdn_key_head_dim=32", "model.gdn_value_head_dim=32"]
 RECALL_VARIANTS = {  # key: (finding, label, overrides)
     "none": ("a", "no memory", ["fwpkm.layers=[]", "pkm.layers=[]"]),
     "pkm": ("a", "static PKM", ["fwpkm.layers=[]", PKM]),
     "fwpkm": ("a", "FwPKM", [FW, "pkm.layers=[]"]),
     "both": ("a", "PKM + FwPKM", [FW, PKM]),
+    "gdn": ("a", "GDN + SWA, no memory", [*GDN, "fwpkm.layers=[]", "pkm.layers=[]"]),
+    "gdn-fwpkm": ("a", "GDN + SWA, FwPKM", [*GDN, FW, "pkm.layers=[]"]),
     "lahd0": ("d", "FwPKM, lookahead 0", [FW, "pkm.layers=[]", "fwpkm.lookahead=0"]),
     "dot": ("d", "FwPKM, dot-product scores", [FW, "pkm.layers=[]", "fwpkm.score=dot"]),
     "noaddr": ("d", "FwPKM, no addressing loss", [FW, "pkm.layers=[]", "fwpkm.addr_loss=false"]),
