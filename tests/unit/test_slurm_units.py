@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
@@ -82,7 +83,9 @@ def test_signals_are_recorded_and_requeue_follows_the_rules():
     try:
         assert stops.agree() == NONE
         with stops.held():  # held during a save (in this thread), never lost
-            os.kill(os.getpid(), signal.SIGUSR2)
+            # Sent to this thread: a process-directed kill may land on another thread (earlier tests leave
+            # some running), whose handler then trips asynchronously and races the agree() below.
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)
         assert stops.agree() == SIGUSR2
     finally:
         stops.uninstall()
