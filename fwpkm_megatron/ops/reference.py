@@ -97,6 +97,45 @@ def addressing_loss(address: Address) -> torch.Tensor:
     return loss
 
 
+def addressing_key_grad(address: Address, q: torch.Tensor, keys: torch.Tensor, *, weight: float = 1.0,
+                        score: str = "idw", exchange: "TokenExchange | None" = None) -> torch.Tensor:
+    """d(weight * addressing_loss(address))/d keys in closed form: the key step of a chunk.
+
+    Equals `autograd.grad(weight * addressing_loss(address).sum(), keys, create_graph=True)` (tested to
+    1e-12, first and second order) with a fraction of its ops: only the k top-k entries of a row carry
+    probability, so the slope dL/ds is k numbers per row, and ds/dK_i is q - K_i times 2/(eps + ||q - K_i||^2)
+    = 2 exp(s) (idw) or q (dot). It is built from differentiable ops, so the backward through a key step is
+    ordinary first-order autograd, not a double backward of the loss. q [..., M, H, d_k] and keys
+    [..., H, 2, R, d_k/2] as `pkm_address` took them (leading stream dims: each stream's own loss).
+    With a memory group's `exchange`, p_bar averages the rows of all M processes (their top-k usage is
+    summed over the group) and the keys, replicated over the group, get the sum of every process's
+    gradient. Both sums sit in the forward graph, so the second-order path through them stays exact.
+    """
+    half, R = keys.shape[-1], keys.shape[-2]
+    tops = address.sub_topk
+    probs = [s.gather(-1, top).softmax(-1) for s, top in zip(address.sub_scores, tops)]   # [..., M, H, k]
+    usage = torch.stack([p.new_zeros(*p.shape[:-3], R).scatter_add(-1, top.flatten(-3), p.flatten(-3))
+                         for p, top in zip(probs, tops)])                                 # [2, ..., R]
+    rows = q.shape[-3] * q.shape[-2]
+    if exchange is not None:
+        usage = exchange.sum(usage, "keys")
+        rows *= exchange.size
+    p_bar = usage / rows
+    slope = weight * (torch.log(p_bar + ENTROPY_EPS) + p_bar / (p_bar + ENTROPY_EPS)) / rows  # dL/dp, [2, ..., R]
+    grads = []
+    for m, (s, top, p) in enumerate(zip(address.sub_scores, tops, probs)):
+        a = slope[m].gather(-1, top.flatten(-3)).view_as(top)
+        ds = p * (a - (p * a).sum(-1, keepdim=True))                                      # dL/ds at the top-k
+        coef = 2 * ds * s.gather(-1, top).exp() if score == "idw" else ds
+        dense = torch.zeros_like(s).scatter(-1, top, coef)                                # [..., M, H, R]
+        grad = torch.einsum("...mhr,...mhd->...hrd", dense, q[..., m * half:(m + 1) * half])
+        if score == "idw":
+            grad = grad - dense.sum(-3).unsqueeze(-1) * keys.select(-3, m)
+        grads.append(grad)
+    grad = torch.stack(grads, -3)
+    return grad if exchange is None else exchange.sum(grad, "keys")
+
+
 class RowOverlay:
     """A value table seen as an untouched base plus the rows written so far.
 
@@ -171,13 +210,15 @@ class _StoreStep(torch.autograd.Function):
 
 
 class RowStore:
-    """`RowOverlay`'s state for a scan: the rows written so far in one growing, in-place store.
+    """`RowOverlay`'s state for a scan: the rows read or written so far in one growing, in-place store.
 
-    Row id r (s*N + i with `streams` S > 1) lives at store position `slot[r]` (-1: untouched, read from
-    the base). A write is held back and applied by the next read (`_StoreStep`), so autograd sees a
-    chain of in-place links whose backward costs O(rows read + written) per chunk, not O(rows touched).
+    Row id r (s*N + i with `streams` S > 1) lives at store position `slot[r]` (-1: untouched, still in
+    the base). A read first copies the untouched rows it needs from the base into the store, so every
+    read is one `index_select` of the store (no per-read choice between store and base). A write is held
+    back and applied, with those copies, by the next read (`_StoreStep`), so autograd sees a chain of
+    in-place links whose backward costs O(rows read + written) per chunk, not O(rows touched).
     The store doubles when full (a `cat`, O(U) once per doubling), so it stays O(rows touched).
-    The same values as `RowOverlay`, forward and backward.
+    The same values as `RowOverlay`, forward and backward; `state()` lists the rows written.
     """
 
     def __init__(self, base: torch.Tensor, streams: int = 1,
@@ -185,34 +226,21 @@ class RowStore:
         self.base = base
         self.num_slots, self.streams = base.shape[0], streams
         self.store = base.new_zeros(1, base.shape[1])
+        self.written = torch.zeros(1, dtype=torch.bool, device=base.device)   # per store position
         self.slot = torch.full((self.num_slots * streams,), -1, dtype=torch.long, device=base.device)
         self.used = 0
-        self.pending = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []            # (positions, rows to add)
         if written is not None and written[0].numel():
-            self.add(written[0], written[1], fresh=True)
+            pos = self._place(written[0])
+            self.pending.append((pos, written[1].to(self.store.dtype)))
+            self.written[pos] = True
 
     def base_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Untouched rows for flat row ids [M] -> [M, d_v] (index_select: far cheaper than [] on CPU)."""
         return self.base.index_select(0, ids if self.streams == 1 else ids % self.num_slots)
 
-    def _step(self, read_pos: torch.Tensor) -> torch.Tensor:
-        write_pos, x = self.pending if self.pending is not None else (
-            read_pos.new_empty(0), self.store.new_empty(0, self.store.shape[1]))
-        self.pending = None
-        self.store, reads = _StoreStep.apply(self.store, x, write_pos, read_pos)
-        return reads
-
-    def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        """Current rows for any index tensor: idx [...] -> [..., d_v]."""
-        flat = idx.reshape(-1)
-        pos = self.slot[flat]
-        reads = self._step(pos.clamp_min(0))
-        return torch.where((pos >= 0)[:, None], reads, self.base_rows(flat)).view(*idx.shape, -1)
-
-    def add(self, rows: torch.Tensor, delta: torch.Tensor, fresh: bool = False) -> None:
-        """values[rows] += delta for unique `rows` (applied by the next read); `fresh`: delta is the row's value."""
-        if self.pending is not None:
-            self._step(rows.new_empty(0))
+    def _place(self, rows: torch.Tensor) -> torch.Tensor:
+        """Store positions of unique `rows`, new positions for the untouched ones (their content is pending)."""
         pos = self.slot[rows]
         new = pos < 0
         count = int(new.sum())
@@ -220,37 +248,73 @@ class RowStore:
             if self.used + count > self.store.shape[0]:
                 grow = max(self.store.shape[0], self.used + count - self.store.shape[0])
                 self.store = torch.cat([self.store, self.store.new_zeros(grow, self.store.shape[1])])
+                self.written = torch.cat([self.written, self.written.new_zeros(grow)])
             pos = pos.masked_scatter(new, torch.arange(self.used, self.used + count, device=pos.device))
             self.slot[rows] = pos
             self.used += count
-            if not fresh:
-                delta = torch.where(new[:, None], delta + self.base_rows(rows).to(delta.dtype), delta)
-        self.pending = (pos, delta.to(self.store.dtype))
+        return pos
+
+    def read(self, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """Current values of rows[inverse] for unique `rows`: [len(inverse), d_v]; copies untouched rows in first."""
+        held = self.slot[rows] >= 0
+        pos = self._place(rows)
+        if not bool(held.all()):
+            fresh = ~held
+            self.pending.append((pos[fresh], self.base_rows(rows[fresh]).to(self.store.dtype)))
+        return self._step(pos.index_select(0, inverse))
+
+    def _step(self, read_pos: torch.Tensor) -> torch.Tensor:
+        """Apply the pending writes, then read the store at read_pos (one autograd link)."""
+        if self.pending:
+            write_pos = torch.cat([p for p, _ in self.pending])
+            x = torch.cat([x for _, x in self.pending])
+        else:
+            write_pos, x = read_pos.new_empty(0), self.store.new_empty(0, self.store.shape[1])
+        self.pending = []
+        self.store, reads = _StoreStep.apply(self.store, x, write_pos, read_pos)
+        return reads
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Current rows for any index tensor: idx [...] -> [..., d_v]."""
+        rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
+        return self.read(rows, inverse).view(*idx.shape, -1)
+
+    def add(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
+        """values[rows] += delta for unique `rows` (applied by the next read)."""
+        held = self.slot[rows] >= 0
+        pos = self._place(rows)
+        delta = delta.to(self.store.dtype)
+        if not bool(held.all()):  # untouched rows start from the base
+            delta = delta.index_add(0, (~held).nonzero().view(-1), self.base_rows(rows[~held]).to(delta.dtype))
+        self.pending.append((pos, delta))
+        self.written[pos] = True
 
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows [U] sorted unique, their values [U, d_v]) after every write so far."""
+        """(rows [U] sorted unique, their values [U, d_v]) of the rows written so far."""
         rows = (self.slot >= 0).nonzero().view(-1)
+        rows = rows[self.written[self.slot[rows]]]
         return rows, self._step(self.slot[rows])
 
 
-def value_write(idx, weight, v_hat, target, gate, has_target, *, value_lr: float = 1.0):
+def value_write(idx, weight, v_hat, target, gate, has_target, *, value_lr: float = 1.0, unique=None):
     """Closed-form value step of one chunk (method Eqs. 13-15 and 3.4, "exact value step").
 
     dV_i = -value_lr * (k*H) * (B*C / M) * (1 / N_read_i) * sum_{(b,t) reading i, with target} g_bt * w_bti * (v_hat_bt - target_bt)
 
     idx, weight [B, C, H, k]; v_hat, target [B, C, d_v]; gate [B, C]; has_target [B, C] bool.
     N_read counts all B*C*H*k reads of the chunk; M counts the tokens with a target.
+    `unique` = torch.unique(idx.reshape(-1), return_inverse=True) when the caller has it already.
     Returns (rows [U] sorted unique, delta [U, d_v]), or None when no token has a target.
     """
     B, C, H, k = idx.shape
     num_targets = int(has_target.sum())
     if num_targets == 0:
         return None
-    rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
+    rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True) if unique is None else unique
     reads = torch.bincount(inverse, minlength=rows.numel()).to(v_hat.dtype)         # N_read per touched row
-    coef = ((gate * has_target)[:, :, None, None] * weight).reshape(-1, 1)          # [B*C*H*k, 1]
-    resid = (v_hat - target)[:, :, None, None, :].expand(B, C, H, k, -1).reshape(-1, v_hat.shape[-1])
-    sums = v_hat.new_zeros(rows.numel(), v_hat.shape[-1]).index_add(0, inverse, coef * resid)
+    coef = ((gate * has_target)[:, :, None, None] * weight).reshape(B * C, H * k, 1)
+    resid = (v_hat - target).reshape(B * C, 1, -1)
+    sums = v_hat.new_zeros(rows.numel(), v_hat.shape[-1]).index_add(0, inverse, (coef * resid).flatten(0, 1))
     scale = value_lr * (k * H) * (B * C / num_targets)
     return rows, -scale * sums / reads[:, None]
 
@@ -338,20 +402,23 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
         C = q_c.shape[1]
         qc = q_c.reshape(B * C, H, -1) if streams == 1 else q_c              # [B*C | B, C, H, d_k]
         target, has = targets_in_chunk(v_c, lookahead)
-        with torch.enable_grad():  # the key step needs autograd even in eval (then first-order only)
-            k_in = keys if differentiable and keys.requires_grad else keys.detach().requires_grad_()
+        with torch.enable_grad():  # the ablation's key step needs autograd even in eval (then first-order only)
+            k_in = keys if addr_loss or (differentiable and keys.requires_grad) else keys.detach().requires_grad_()
             addr = pkm_address(qc, k_in, topk=top_k, score=score, eps=eps)
             idx = addr.idx.reshape(B, C, H, top_k)
-            rows_at = idx if streams == 1 else idx + offsets                  # row ids in the overlay
-            v_hat = torch.einsum("...hk,...hkd->...d", addr.weight, table.gather(rows_at.view_as(addr.idx)))
+            rows_at = idx if streams == 1 else idx + offsets                  # row ids in the store
+            touched = torch.unique(rows_at.reshape(-1), return_inverse=True)  # one sort for read and write
+            rows_read = table.read(*touched).view(*addr.idx.shape, -1)
+            v_hat = torch.einsum("...hk,...hkd->...d", addr.weight, rows_read)
             v_hat = v_hat.reshape(B, C, -1)
-            if addr_loss:  # streams: the sum of each stream's loss (its keys see only its own)
-                key_loss = addr_loss_weight * addressing_loss(addr).sum()
-            else:  # ablation: no addressing loss, the memorization MSE moves the keys as well
+            if not addr_loss:  # ablation: no addressing loss, the memorization MSE moves the keys as well
                 m = max(int(has.sum()) * B, 1)
                 key_loss = 0.5 * (B * C / m) * ((gate * has)[..., None] * (v_hat - target).square()).sum()
-            (key_grad,) = torch.autograd.grad(key_loss, k_in, retain_graph=differentiable,
-                                              create_graph=differentiable and not detach_writes)
+                (key_grad,) = torch.autograd.grad(key_loss, k_in, retain_graph=differentiable,
+                                                  create_graph=differentiable and not detach_writes)
+        if addr_loss:  # streams: the gradient of each stream's loss (its keys see only its own)
+            with torch.set_grad_enabled(differentiable and not detach_writes):
+                key_grad = addressing_key_grad(addr, qc, k_in, weight=addr_loss_weight, score=score)
         if diag is not None:
             diag.add(addressing_loss(addr).detach().mean(), v_hat.detach(), target, has)
         weight = addr.weight.reshape(B, C, H, top_k)
@@ -361,7 +428,7 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
         if detach_writes:  # ablation: first-order fast weights, the LM loss does not see through writes
             w_in = tuple(t.detach() for t in w_in)
         # streams: B*C/M = C/M_s and N_read counts each stream's own reads (distinct row ids)
-        write = value_write(rows_at, *w_in, has.expand(B, C), value_lr=value_lr)
+        write = value_write(rows_at, *w_in, has.expand(B, C), value_lr=value_lr, unique=touched)
         if write is not None:
             table.add(*write)
         keys = k_in - key_lr * key_grad
@@ -401,28 +468,6 @@ class TokenExchange:
         return x
 
 
-def group_addressing_grad(address: Address, keys: torch.Tensor, exchange: TokenExchange, *, weight: float,
-                          retain_graph: bool, create_graph: bool) -> torch.Tensor:
-    """Gradient w.r.t. the (group-replicated) keys of `weight * addressing_loss` over the group's rows.
-
-    p_bar averages every process's rows, so each process computes its rows' usage sums, the group sums
-    them, and each process back-propagates the shared slope dL/dp_bar = log(p_bar + eps) + p_bar/(p_bar + eps)
-    through its own rows only; the group then sums those gradients. Every collective sits in the
-    forward graph, so with `create_graph` the second-order path through the key writes stays exact.
-    """
-    usage = []
-    for s, top in zip(address.sub_scores, address.sub_topk):
-        masked = torch.full_like(s, float("-inf")).scatter(-1, top, s.gather(-1, top))
-        usage.append(masked.softmax(-1).flatten(0, 1).sum(0))      # [R] this process's rows
-    local = torch.stack(usage)                                     # [2, R]
-    rows = address.sub_scores[0].shape[0] * address.sub_scores[0].shape[1] * exchange.size
-    p_bar = exchange.sum(local, "keys") / rows
-    slope = weight * (torch.log(p_bar + ENTROPY_EPS) + p_bar / (p_bar + ENTROPY_EPS)) / rows
-    (grad,) = torch.autograd.grad(local, keys, grad_outputs=slope, retain_graph=retain_graph,
-                                  create_graph=create_graph)
-    return exchange.sum(grad, "keys")
-
-
 def _scan_group(q, v, g, keys, values, exchange: TokenExchange, *, private: bool, top_k, chunk_size, lookahead,
                 eps, addr_loss_weight, value_lr, key_lr, score, addr_loss, detach_writes, written=None) -> ScanResult:
     """`_scan_shared` for a memory group: the M processes' B sequences each, read and written as one batch.
@@ -431,61 +476,53 @@ def _scan_group(q, v, g, keys, values, exchange: TokenExchange, *, private: bool
     Per chunk: addresses and gates are gathered over the group, targets scattered to their columns'
     owners; each process reads and writes its columns for all M*B sequences (`value_write`, counts and
     the B*C/M factor over the group), and the reads go back to their tokens. With `private` every
-    group sequence writes its own copy-on-write view and moves its own keys (per_sequence, B = 1).
+    group sequence is a stream with its own rows (row id s*N + i) and moves its own keys (per_sequence, B = 1).
     """
     if not addr_loss:
         raise ValueError("a memory group (M > 1) needs the addressing loss (addr_loss=True)")
     B, T, H, _ = q.shape
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, v, g, keys, values))
     group_size = exchange.size * B
-    tables = [RowOverlay(values) for _ in range(group_size if private else 1)]
-    if written is not None:
-        for table in tables:
-            table.rows, table.row_values = written
-    per = group_size // len(tables)  # sequences per table
+    offsets = (torch.arange(group_size, device=q.device) * values.shape[0]).view(-1, 1, 1, 1)
+    if written is not None and private:
+        written = ((offsets.view(-1, 1) + written[0]).reshape(-1), written[1].repeat(group_size, 1))
+    table = RowStore(values, group_size if private else 1, written=written)
     outs, idxs, group_idxs = [], [], []
-    for start in range(0, T, chunk_size):
-        end = min(start + chunk_size, T)
-        C = end - start
-        target, has = chunk_targets(v, start, end, lookahead)
-        with torch.enable_grad():  # the key step needs autograd even in eval (then first-order only)
-            k_in = keys if differentiable and keys.requires_grad else keys.detach().requires_grad_()
-            addr = pkm_address(q[:, start:end].reshape(B * C, H, -1), k_in, topk=top_k, score=score, eps=eps)
-            create = differentiable and not detach_writes
-            if private:
-                (key_grad,) = torch.autograd.grad(addr_loss_weight * addressing_loss(addr), k_in,
-                                                  retain_graph=differentiable, create_graph=create)
-            else:
-                key_grad = group_addressing_grad(addr, k_in, exchange, weight=addr_loss_weight,
-                                                 retain_graph=differentiable, create_graph=create)
+    for q_c, v_c, g_c in zip(q.split(chunk_size, 1), v.split(chunk_size, 1), g.split(chunk_size, 1)):
+        C = q_c.shape[1]
+        qc = q_c.reshape(B * C, H, -1)
+        target, has = targets_in_chunk(v_c, lookahead)
+        addr = pkm_address(qc, keys, topk=top_k, score=score, eps=eps)
+        with torch.set_grad_enabled(differentiable and not detach_writes):
+            key_grad = addressing_key_grad(addr, qc, keys, weight=addr_loss_weight, score=score,
+                                           exchange=None if private else exchange)
         idx = addr.idx.view(B, C, H, top_k)
         weight = addr.weight.view(B, C, H, top_k)
         if not differentiable:
             weight = weight.detach()
         idx_all = exchange.gather_tokens(idx, "read")                    # [M*B, C, H, k]
         weight_all = exchange.gather_tokens(weight, "read")
-        v_cols = torch.cat([
-            torch.einsum("mhk,mhkd->md", weight_all[i * per:(i + 1) * per].reshape(-1, H, top_k),
-                         table.gather(idx_all[i * per:(i + 1) * per].reshape(-1, H, top_k)))
-            for i, table in enumerate(tables)]).view(group_size, C, -1)   # [M*B, C, d/M]
+        rows_at = idx_all + offsets if private else idx_all
+        touched = torch.unique(rows_at.reshape(-1), return_inverse=True)
+        reads = table.read(*touched).view(group_size * C, H, top_k, -1)
+        v_cols = torch.einsum("mhk,mhkd->md", weight_all.reshape(-1, H, top_k), reads).view(group_size, C, -1)
         v_hat = exchange.columns_to_tokens(v_cols, "read")               # [B, C, d]
-        gate_all = exchange.gather_tokens(g[:, start:end], "write")
+        gate_all = exchange.gather_tokens(g_c, "write")
         target_cols = exchange.tokens_to_columns(target, "write")
         w_in = (weight_all, v_cols, target_cols, gate_all)
         if detach_writes or not differentiable:
             w_in = tuple(t.detach() for t in w_in)
-        for i, table in enumerate(tables):
-            part = slice(i * per, (i + 1) * per)
-            write = value_write(idx_all[part], *(t[part] for t in w_in), has.expand(per, C), value_lr=value_lr)
-            if write is not None:
-                table.add(*write)
-        keys = k_in - key_lr * key_grad
+        # private: B*C/M = C/M_s and N_read counts each stream's own reads (distinct row ids)
+        write = value_write(rows_at, *w_in, has.expand(group_size, C), value_lr=value_lr, unique=touched)
+        if write is not None:
+            table.add(*write)
+        keys = keys - key_lr * key_grad
         if not differentiable or detach_writes:
             keys = keys.detach()
         outs.append(v_hat if differentiable else v_hat.detach())
         idxs.append(idx)
         group_idxs.append(idx_all)
-    rows, row_values = (tables[0].rows, tables[0].row_values) if not private else (
+    rows, row_values = table.state() if not private else (
         torch.empty(0, dtype=torch.long, device=values.device), values.new_empty(0, values.shape[1]))
     return ScanResult(torch.cat(outs, 1), keys, rows, row_values, torch.cat(idxs, 1), torch.cat(group_idxs, 1))
 

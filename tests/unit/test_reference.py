@@ -213,3 +213,23 @@ def test_backend_selection_errors_are_clear(monkeypatch):
     monkeypatch.setenv("FWPKM_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="FWPKM_BACKEND"):
         ops.fwpkm_scan(q, v, g, keys, values, top_k=2, chunk_size=4)
+
+
+@pytest.mark.parametrize("score", ["idw", "dot"])
+@pytest.mark.parametrize("streams", [0, 3])
+def test_closed_form_key_grad_matches_autograd_to_second_order(score, streams):
+    """`addressing_key_grad` equals autograd's gradient of the addressing loss, and so does its own
+    gradient (the second-order term the LM loss sees through a key step), for q and keys, streams or not."""
+    gen = torch.Generator().manual_seed(3)
+    lead = (streams,) if streams else ()
+    q = (torch.randn(*lead, 7, 2, 6, generator=gen) * 0.5).requires_grad_()
+    keys = (torch.randn(*lead, 2, 2, 5, 3, generator=gen) * 0.5).requires_grad_()
+    addr = reference.pkm_address(q, keys, topk=3, score=score)
+    (auto,) = torch.autograd.grad(0.7 * reference.addressing_loss(addr).sum(), keys, create_graph=True)
+    closed = reference.addressing_key_grad(addr, q, keys, weight=0.7, score=score)
+    torch.testing.assert_close(closed, auto, rtol=1e-12, atol=1e-12)
+    u = torch.randn(auto.shape, generator=gen)
+    second_auto = torch.autograd.grad((auto * u).sum(), (q, keys), retain_graph=True)
+    second_closed = torch.autograd.grad((closed * u).sum(), (q, keys))
+    for a, b in zip(second_closed, second_auto):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
