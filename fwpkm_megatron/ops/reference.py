@@ -14,6 +14,7 @@ per chunk (docs/performance.md, "Scaling of the memory's hot path").
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,19 @@ def subkey_scores(q: torch.Tensor, keys: torch.Tensor, *, score: str = "idw", ep
     return out[0], out[1]
 
 
+@functools.lru_cache(maxsize=None)
+def candidate_pairs(topk: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (i, j) ranks of the two codebooks' sorted top-k whose sum can be among the k best: (i+1)(j+1) <= k.
+
+    Pair (i, j) is beaten by every (i', j') with i' <= i and j' <= j ((i+1)(j+1) - 1 others), so only
+    these k*H_k (harmonic number; 20 of 64 pairs for k = 8) can be selected; ties aside, the same top-k as
+    scoring all k*k pairs. In row-major (i, j) order, as the full k*k list.
+    """
+    pairs = [(i, j) for i in range(topk) for j in range(topk) if (i + 1) * (j + 1) <= topk]
+    a, b = torch.tensor(pairs, dtype=torch.long, device=device).unbind(1)
+    return a, b
+
+
 def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = "idw", eps: float = 1e-3,
                 joint_softmax: bool = True) -> Address:
     """Product-key top-k lookup (method 2.2 and Eq. 11).
@@ -62,11 +76,12 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
     """
     R = keys.shape[-2]
     s1, s2 = subkey_scores(q, keys, score=score, eps=eps)
-    v1, i1 = s1.topk(topk, dim=-1)                                # [M, H, k]
+    v1, i1 = s1.topk(topk, dim=-1)                                # [M, H, k], each sorted descending
     v2, i2 = s2.topk(topk, dim=-1)
-    cand = (v1[..., :, None] + v2[..., None, :]).flatten(-2)      # [M, H, k*k], row-major (i, j)
+    a, b = candidate_pairs(topk, q.device)
+    cand = v1[..., a] + v2[..., b]                                # [M, H, P]: the pairs that can make the top-k
     best, pos = cand.topk(topk, dim=-1)                           # [M, H, k]
-    idx = i1.gather(-1, pos // topk) * R + i2.gather(-1, pos % topk)
+    idx = i1.gather(-1, a[pos]) * R + i2.gather(-1, b[pos])
     if joint_softmax:
         weight = best.flatten(-2).softmax(-1).view_as(best)
     else:
@@ -182,7 +197,8 @@ class RowOverlay:
 
 
 class _StoreStep(torch.autograd.Function):
-    """store[write_pos] += x in place, then reads = store[read_pos]: one link of a `RowStore`'s chain.
+    """store[pos_i] += x_i in place for each pending (pos_i, x_i), then reads = store[read_pos]: one link
+    of a `RowStore`'s chain.
 
     Each version of the store has exactly one consumer (the next link), so the backward owns the
     store's gradient: it adds the reads' gradients into it at read_pos and hands it on, O(reads + writes)
@@ -191,22 +207,24 @@ class _StoreStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, store, x, write_pos, read_pos):
-        store.index_add_(0, write_pos, x)
+    def forward(ctx, store, read_pos, *pending):  # pending: pos_0, x_0, pos_1, x_1, ...
+        for pos, x in zip(pending[::2], pending[1::2]):
+            store.index_add_(0, pos, x)
         ctx.mark_dirty(store)
-        ctx.save_for_backward(write_pos, read_pos)
+        ctx.save_for_backward(read_pos, *pending[::2])
         return store, store.index_select(0, read_pos)
 
     @staticmethod
     def backward(ctx, grad_store, grad_reads):
-        write_pos, read_pos = ctx.saved_tensors
+        read_pos, *write_pos = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiable, out of place
             grad_store = grad_store.index_add(0, read_pos, grad_reads)
         else:
             if grad_store._base is not None or not grad_store.is_contiguous():
                 grad_store = grad_store.contiguous().clone()
             grad_store.index_add_(0, read_pos, grad_reads)
-        return grad_store, grad_store.index_select(0, write_pos), None, None
+        grads = [grad for pos in write_pos for grad in (None, grad_store.index_select(0, pos))]
+        return grad_store, None, *grads
 
 
 class RowStore:
@@ -265,13 +283,9 @@ class RowStore:
 
     def _step(self, read_pos: torch.Tensor) -> torch.Tensor:
         """Apply the pending writes, then read the store at read_pos (one autograd link)."""
-        if self.pending:
-            write_pos = torch.cat([p for p, _ in self.pending])
-            x = torch.cat([x for _, x in self.pending])
-        else:
-            write_pos, x = read_pos.new_empty(0), self.store.new_empty(0, self.store.shape[1])
+        pending = [t for pair in self.pending for t in pair]
         self.pending = []
-        self.store, reads = _StoreStep.apply(self.store, x, write_pos, read_pos)
+        self.store, reads = _StoreStep.apply(self.store, read_pos, *pending)
         return reads
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
@@ -314,7 +328,8 @@ def value_write(idx, weight, v_hat, target, gate, has_target, *, value_lr: float
     reads = torch.bincount(inverse, minlength=rows.numel()).to(v_hat.dtype)         # N_read per touched row
     coef = ((gate * has_target)[:, :, None, None] * weight).reshape(B * C, H * k, 1)
     resid = (v_hat - target).reshape(B * C, 1, -1)
-    sums = v_hat.new_zeros(rows.numel(), v_hat.shape[-1]).index_add(0, inverse, (coef * resid).flatten(0, 1))
+    # the outer products as a bmm: its backward is two bmms that never write a [B*C*H*k, d_v] temporary
+    sums = v_hat.new_zeros(rows.numel(), v_hat.shape[-1]).index_add(0, inverse, torch.bmm(coef, resid).flatten(0, 1))
     scale = value_lr * (k * H) * (B * C / num_targets)
     return rows, -scale * sums / reads[:, None]
 
