@@ -249,7 +249,7 @@ class RowStore:
         self.used = 0
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []            # (positions, rows to add)
         if written is not None and written[0].numel():
-            pos = self._place(written[0])
+            pos = self._place(written[0])[0]
             self.pending.append((pos, written[1].to(self.store.dtype)))
             self.written[pos] = True
 
@@ -257,28 +257,28 @@ class RowStore:
         """Untouched rows for flat row ids [M] -> [M, d_v] (index_select: far cheaper than [] on CPU)."""
         return self.base.index_select(0, ids if self.streams == 1 else ids % self.num_slots)
 
-    def _place(self, rows: torch.Tensor) -> torch.Tensor:
-        """Store positions of unique `rows`, new positions for the untouched ones (their content is pending)."""
+    def _place(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(store positions of unique `rows`, mask of the untouched ones or None if there are none); the
+        untouched rows get new positions, whose content the caller makes pending."""
         pos = self.slot[rows]
         new = pos < 0
         count = int(new.sum())
-        if count:
-            if self.used + count > self.store.shape[0]:
-                grow = max(self.store.shape[0], self.used + count - self.store.shape[0])
-                self.store = torch.cat([self.store, self.store.new_zeros(grow, self.store.shape[1])])
-                self.written = torch.cat([self.written, self.written.new_zeros(grow)])
-            pos = pos.masked_scatter(new, torch.arange(self.used, self.used + count, device=pos.device))
-            self.slot[rows] = pos
-            self.used += count
-        return pos
+        if not count:
+            return pos, None
+        if self.used + count > self.store.shape[0]:
+            grow = max(self.store.shape[0], self.used + count - self.store.shape[0])
+            self.store = torch.cat([self.store, self.store.new_zeros(grow, self.store.shape[1])])
+            self.written = torch.cat([self.written, self.written.new_zeros(grow)])
+        pos = pos.masked_scatter(new, torch.arange(self.used, self.used + count, device=pos.device))
+        self.slot[rows] = pos
+        self.used += count
+        return pos, new
 
     def read(self, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         """Current values of rows[inverse] for unique `rows`: [len(inverse), d_v]; copies untouched rows in first."""
-        held = self.slot[rows] >= 0
-        pos = self._place(rows)
-        if not bool(held.all()):
-            fresh = ~held
-            self.pending.append((pos[fresh], self.base_rows(rows[fresh]).to(self.store.dtype)))
+        pos, new = self._place(rows)
+        if new is not None:
+            self.pending.append((pos[new], self.base_rows(rows[new]).to(self.store.dtype)))
         return self._step(pos.index_select(0, inverse))
 
     def _step(self, read_pos: torch.Tensor) -> torch.Tensor:
@@ -295,11 +295,10 @@ class RowStore:
 
     def add(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
         """values[rows] += delta for unique `rows` (applied by the next read)."""
-        held = self.slot[rows] >= 0
-        pos = self._place(rows)
+        pos, new = self._place(rows)
         delta = delta.to(self.store.dtype)
-        if not bool(held.all()):  # untouched rows start from the base
-            delta = delta.index_add(0, (~held).nonzero().view(-1), self.base_rows(rows[~held]).to(delta.dtype))
+        if new is not None:  # untouched rows start from the base
+            delta = delta.index_add(0, new.nonzero().view(-1), self.base_rows(rows[new]).to(delta.dtype))
         self.pending.append((pos, delta))
         self.written[pos] = True
 
@@ -331,7 +330,7 @@ def value_write(idx, weight, v_hat, target, gate, has_target, *, value_lr: float
     # the outer products as a bmm: its backward is two bmms that never write a [B*C*H*k, d_v] temporary
     sums = v_hat.new_zeros(rows.numel(), v_hat.shape[-1]).index_add(0, inverse, torch.bmm(coef, resid).flatten(0, 1))
     scale = value_lr * (k * H) * (B * C / num_targets)
-    return rows, -scale * sums / reads[:, None]
+    return rows, sums * (-scale / reads)[:, None]
 
 
 class ScanResult(NamedTuple):
