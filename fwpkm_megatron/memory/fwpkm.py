@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -18,6 +19,11 @@ from .recompute import in_first_checkpointed_pass, in_recompute
 from .state import FastWeightState
 
 ZSCORE_EPS = 1e-6  # App. A.3: v <- (v - mean) / (std + 1e-6), torch's unbiased std
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or in its own dtype when that is wider (float64 checks keep their precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class ZeroCenteredRMSNorm(nn.Module):
@@ -30,13 +36,21 @@ class ZeroCenteredRMSNorm(nn.Module):
         self.tp_group = None  # set when the normalized dim is column-sharded over TP ranks (checkpoint view)
         self.comm: LayerComm = LOCAL  # its TP collectives (parallel/sharding.py)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x * rsqrt(mean(x^2) + eps) in fp32 (or wider), before the (1 + w) scale."""
+        x32 = at_least_fp32(x)
         if self.comm.tp_size == 1:
             mean_square = x32.square().mean(-1, keepdim=True)
         else:  # the mean square runs over every shard's columns
             mean_square = self.comm.feature_sum(x32.square()) / (x32.shape[-1] * self.comm.tp_size)
-        return (x32 * torch.rsqrt(mean_square + self.eps) * (1 + self.weight.float())).to(x.dtype)
+        return x32 * torch.rsqrt(mean_square + self.eps)
+
+    def scale(self) -> torch.Tensor:
+        """The (1 + w) factor, fp32 (or wider)."""
+        return 1 + at_least_fp32(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.normalize(x) * self.scale()).to(x.dtype)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """dist_checkpointing view: the weight is split over TP (axis 0) when the normalized dim is."""
@@ -111,20 +125,36 @@ class FwPKMBlock(nn.Module):
         self._recompute_stash: deque = deque()
 
     def project(self, x: torch.Tensor):
-        """Slow-weight inputs of the memory (method 3.1), in fp32: q [b,s,H,d_k], v [b,s,d_v], g [b,s] or None."""
-        b, s, _ = x.shape
-        comm = self.comm  # q and g are replicated over TP, v is this TP rank's columns
-        q = comm.copy_to(self.q_proj(self.q_norm(x)).float().view(b, s, self.cfg.heads, self.cfg.d_k))
-        v = self.v_proj(comm.copy_to(self.v_norm(x))).float()
-        if self.cfg.value_zscore:
+        """Slow-weight inputs of the memory (method 3.1) from x [s, b, h], in fp32: q [b,s,H,d_k], v [b,s,d_v],
+        g [b,s] or None.
+
+        proj(norm(x)) for each input, computed as: x's RMS normalization once (the three norms see the same
+        x) and each norm's (1 + w) folded into its projection's weight columns, W diag(1 + w); q and the gate
+        share one matmul. The same function and parameters as three separate norm + projection pairs, with
+        one normalization and two matmuls on the [s*b, h] activations instead of three of each.
+        """
+        cfg, comm = self.cfg, self.comm  # q and g are replicated over TP, v is this TP rank's columns
+        s, b, _ = x.shape
+        x_hat = self.q_norm.normalize(x)
+
+        def folded(norm, proj, scale_grad=lambda t: t):
+            return proj.weight * scale_grad(norm.scale()).to(proj.weight.dtype), proj.bias
+        # v_proj holds this rank's output rows: the (1 + w) scale's gradient is summed over TP
+        (w_q, b_q), (w_v, b_v) = folded(self.q_norm, self.q_proj), folded(self.v_norm, self.v_proj, comm.copy_to)
+        if cfg.gate:
+            w_g, b_g = folded(self.gate_norm, self.gate_proj)
+            w_q, b_q = torch.cat([w_q, w_g]), torch.cat([b_q, b_g])
+        qg = comm.copy_to(at_least_fp32(F.linear(x_hat.to(x.dtype), w_q, b_q)).transpose(0, 1))  # [b, s, H*d_k (+1)]
+        q = qg[..., :cfg.heads * cfg.d_k].reshape(b, s, cfg.heads, cfg.d_k)
+        g = torch.sigmoid(qg[..., -1]) if cfg.gate else None
+        v = at_least_fp32(F.linear(comm.copy_to(x_hat.to(x.dtype)), w_v, b_v)).transpose(0, 1).contiguous()
+        if cfg.value_zscore:
             v = zscore(v, comm)
-        g = comm.copy_to(torch.sigmoid(self.gate_proj(self.gate_norm(x)).float()).squeeze(-1)) if self.cfg.gate else None
         return q, v, g
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         cfg, comm = self.cfg, self.comm
-        x = hidden_states.transpose(0, 1)                                    # [b, s, h]
-        q, v, g = self.project(x)
+        q, v, g = self.project(hidden_states)
         loss_weight = g if (g is not None and cfg.gate_weighted_loss) else torch.ones_like(v[..., 0])
         per_sequence = cfg.policy == "per_sequence"
         scan_in = (q, v, loss_weight)
@@ -155,7 +185,7 @@ class FwPKMBlock(nn.Module):
             self.last_diagnostics = self._diagnostics(res, values)
         if not per_sequence and not recompute:  # persistent: the state after the last chunk carries on
             self.state.commit(res.keys, res.rows, res.row_values)
-        mixed = res.v_hat if g is None else g[..., None] * res.v_hat + (1 - g[..., None]) * v     # Eq. 12
+        mixed = res.v_hat if g is None else torch.lerp(v, res.v_hat, g[..., None])     # Eq. 12: g v_hat + (1 - g) v
         out = comm.row_parallel_linear(self.out_proj, self.out_norm(mixed.to(hidden_states.dtype)))
         self.last_reads = res.idx.detach()
         self.last_gate = None if g is None else g.detach()

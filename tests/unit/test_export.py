@@ -177,7 +177,7 @@ def test_reference_math_is_shipped_byte_identical(exported):
         imported = {n.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for n in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.level == 0}
-        assert imported <= {"__future__", "copy", "hashlib", "json", "math", "os", "typing", "torch", "transformers"}, \
+        assert imported <= {"__future__", "copy", "functools", "hashlib", "json", "math", "os", "typing", "torch", "transformers"}, \
             f"{name} imports {sorted(imported)}"
 
 

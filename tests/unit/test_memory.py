@@ -168,7 +168,7 @@ def test_gate_mixes_read_and_value_and_weights_the_write():
     closed, unweighted = like_pair(gate_weighted_loss=False)
     for block in (closed, unweighted):
         _set_gate(block, -30.0)                                  # g ~ 1e-13
-    _, v, _ = closed.project(x.transpose(0, 1))
+    _, v, _ = closed.project(x)
     dense = closed.out_proj(closed.out_norm(v)).transpose(0, 1)  # the output without the memory
     torch.testing.assert_close(closed(x), dense, rtol=0, atol=1e-5)
     torch.testing.assert_close(closed.state.values, v0, rtol=0, atol=1e-10)   # gate-weighted: no write
@@ -203,8 +203,38 @@ def test_loss_weighting_and_lookahead_leave_first_chunk_reads_alone():
         torch.testing.assert_close(_first_chunk_output(make_block(**changes)), ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("gate", [True, False])
+def test_project_is_each_norm_then_its_projection(gate):
+    """`project` folds each norm's (1 + w) into its projection and shares one normalization and one matmul
+    for q and the gate: it must equal proj(norm(x)) per input (random norm weights, float64, forward and the
+    gradients of every parameter)."""
+    block = make_block(gate=gate).double()
+    with torch.no_grad():
+        for norm in (block.q_norm, block.v_norm, *([block.gate_norm] if gate else [])):
+            norm.weight.normal_(0, 0.5)
+    x = hidden().double().requires_grad_()
+    xb = x.transpose(0, 1)
+    q, v, g = block.project(x)
+    ref_q = block.q_proj(block.q_norm(xb)).view_as(q)
+    v_lin = block.v_proj(block.v_norm(xb))
+    ref_v = (v_lin - v_lin.mean(-1, keepdim=True)) / (v_lin.std(-1, keepdim=True) + 1e-6)
+    ref = [ref_q, ref_v] + ([torch.sigmoid(block.gate_proj(block.gate_norm(xb))).squeeze(-1)] if gate else [])
+    got = [q, v] + ([g] if gate else [])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    params = [x] + [p for p in block.parameters() if p.requires_grad]
+    u = [torch.randn_like(t) for t in ref]
+    grads = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, u)), params, allow_unused=True)
+    ref_grads = torch.autograd.grad(sum((a * w).sum() for a, w in zip(ref, u)), params, allow_unused=True)
+    for a, b in zip(grads, ref_grads):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_value_zscore_switch():
-    x = hidden().transpose(0, 1)
+    x = hidden()
     _, v_on, _ = make_block().project(x)
     _, v_off, _ = make_block(value_zscore=False).project(x)
     torch.testing.assert_close(v_on.mean(-1), torch.zeros_like(v_on[..., 0]), atol=1e-5, rtol=0)
@@ -284,7 +314,7 @@ def test_diagnostics_match_their_definitions_and_change_nothing():
 
     stats = block.statistics()
     with torch.no_grad():
-        q, v, _ = block.project(x.transpose(0, 1))
+        q, v, _ = block.project(x)
     B, T = q.shape[:2]
     addr = ops.pkm_address(q.reshape(B * T, BASE.heads, -1), k0, topk=BASE.topk)
     assert stats["addr_loss"] == pytest.approx(float(ops.addressing_loss(addr)), rel=1e-5)
