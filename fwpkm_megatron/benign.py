@@ -48,6 +48,9 @@ WARNINGS: tuple[BenignWarning, ...] = (
                   "megatron dist_checkpointing calls torch.distributed.checkpoint.load_state_dict"),
     BenignWarning(FutureWarning, r"`torch.distributed.all_gather_into_tensor` is deprecated",
                   "DeepSpeed ZeRO's parameter all-gather"),
+    BenignWarning(UserWarning, r"Sparse CSR tensor support is in beta state",
+                  "the reference memory ops' CPU read and write (ops/reference.py) are CSR products; "
+                  "tested equal to the gather form, forward and backward"),
 )
 
 LOGS: tuple[BenignLog, ...] = (

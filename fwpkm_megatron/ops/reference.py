@@ -89,12 +89,97 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
     return Address(idx, weight, (s1, s2), (i1, i2))
 
 
+# --- k rows per token: a sparse [M, U] matrix A with A[r, cols[r, j]] += a[r, j] -------------------------
+# The read (token_sum = A X), the write (row_sum = A^T Y) and their gradients (sampled_dot) are one family:
+# each backward is built from the other two, so every order of derivative stays exact. On CPU the read and
+# the sampled dot run as CSR products (no [M*k, d] temporary: 2-7x faster there, bench/op_profile.py);
+# elsewhere, and for row_sum everywhere, as gathers and index_adds.
+CSR_ON_CPU = True  # tests switch it off to check the CSR form against the gather form
+
+
+def _csr(a: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
+    M, k = a.shape
+    crow = torch.arange(0, M * k + 1, k, device=a.device)
+    return torch.sparse_csr_tensor(crow, cols.reshape(-1), a.reshape(-1), size=(M, n_cols), check_invariants=False)
+
+
+def _on_csr(t: torch.Tensor) -> bool:
+    return CSR_ON_CPU and t.device.type == "cpu"
+
+
+class _TokenSum(torch.autograd.Function):
+    """out[r] = sum_j a[r, j] X[cols[r, j]]: a [M, k], cols [M, k] int64, X [U, d] -> [M, d]."""
+
+    @staticmethod
+    def forward(ctx, a, cols, X):
+        ctx.save_for_backward(a, cols, X)
+        if _on_csr(X):
+            return _csr(a, cols, X.shape[0]) @ X
+        M, k = a.shape
+        return torch.bmm(a.view(M, 1, k), X.index_select(0, cols.reshape(-1)).view(M, k, -1)).view(M, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, cols, X = ctx.saved_tensors
+        grad_a = _SampledDot.apply(grad, X, cols) if ctx.needs_input_grad[0] else None
+        grad_X = _RowSum.apply(a, cols, grad, X.shape[0]) if ctx.needs_input_grad[2] else None
+        return grad_a, None, grad_X
+
+
+class _RowSum(torch.autograd.Function):
+    """S[u] = sum over (r, j) with cols[r, j] = u of a[r, j] Y[r]: a, cols [M, k], Y [M, d] -> [U, d]."""
+
+    @staticmethod
+    def forward(ctx, a, cols, Y, num_rows):
+        ctx.save_for_backward(a, cols, Y)  # no CSR form: a CSC product (A^T Y) is slower than this on CPU
+        M, k = a.shape
+        return Y.new_zeros(num_rows, Y.shape[1]).index_add(0, cols.reshape(-1), torch.bmm(a.view(M, k, 1), Y.view(M, 1, -1)).view(M * k, -1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, cols, Y = ctx.saved_tensors
+        grad_a = _SampledDot.apply(Y, grad, cols) if ctx.needs_input_grad[0] else None
+        grad_Y = _TokenSum.apply(a, cols, grad) if ctx.needs_input_grad[2] else None
+        return grad_a, None, grad_Y, None
+
+
+class _SampledDot(torch.autograd.Function):
+    """D[r, j] = <P[r], Q[cols[r, j]]>: P [M, d], Q [U, d], cols [M, k] -> [M, k]."""
+
+    @staticmethod
+    def forward(ctx, P, Q, cols):
+        ctx.save_for_backward(P, Q, cols)
+        if _on_csr(P):
+            pattern = _csr(P.new_ones(cols.shape), cols, Q.shape[0])
+            return torch.sparse.sampled_addmm(pattern, P, Q.t(), beta=0.0).values().view(cols.shape)
+        M, k = cols.shape
+        return torch.bmm(Q.index_select(0, cols.reshape(-1)).view(M, k, -1), P.view(M, -1, 1)).view(M, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        P, Q, cols = ctx.saved_tensors
+        grad_P = _TokenSum.apply(grad, cols, Q) if ctx.needs_input_grad[0] else None
+        grad_Q = _RowSum.apply(grad, cols, P, Q.shape[0]) if ctx.needs_input_grad[1] else None
+        return grad_P, grad_Q, None
+
+
+def token_sum(a: torch.Tensor, cols: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of k rows per token: out[r] = sum_j a[r, j] X[cols[r, j]] (a [M, k], X [U, d] -> [M, d])."""
+    return _TokenSum.apply(a.contiguous(), cols.contiguous(), X.contiguous())
+
+
+def row_sum(a: torch.Tensor, cols: torch.Tensor, Y: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The transpose of `token_sum`: S[u] = sum of a[r, j] Y[r] over cols[r, j] = u (Y [M, d] -> [num_rows, d])."""
+    return _RowSum.apply(a.contiguous(), cols.contiguous(), Y.contiguous(), num_rows)
+
+
 def pkm_read(values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Weighted sum of the addressed rows, summed over heads: values [N, d_v], idx/weight [M, H, k] -> [M, d_v].
 
     Mixed dtypes (a bf16 table, fp32 weights) compute in the promoted dtype, as the Triton read does."""
     dtype = torch.promote_types(weight.dtype, values.dtype)
-    return torch.einsum("mhk,mhkd->md", weight.to(dtype), values[idx].to(dtype))
+    M, H, k = idx.shape
+    return token_sum(weight.to(dtype).reshape(M, H * k), idx.reshape(M, H * k), values.to(dtype))
 
 
 def addressing_loss(address: Address) -> torch.Tensor:
@@ -274,12 +359,12 @@ class RowStore:
         self.used += count
         return pos, new
 
-    def read(self, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        """Current values of rows[inverse] for unique `rows`: [len(inverse), d_v]; copies untouched rows in first."""
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """Current values of unique `rows`: [len(rows), d_v]; copies untouched rows in first."""
         pos, new = self._place(rows)
         if new is not None:
             self.pending.append((pos[new], self.base_rows(rows[new]).to(self.store.dtype)))
-        return self._step(pos.index_select(0, inverse))
+        return self._step(pos)
 
     def _step(self, read_pos: torch.Tensor) -> torch.Tensor:
         """Apply the pending writes, then read the store at read_pos (one autograd link)."""
@@ -291,7 +376,7 @@ class RowStore:
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Current rows for any index tensor: idx [...] -> [..., d_v]."""
         rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
-        return self.read(rows, inverse).view(*idx.shape, -1)
+        return self.read(rows)[inverse].view(*idx.shape, -1)
 
     def add(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
         """values[rows] += delta for unique `rows` (applied by the next read)."""
@@ -325,10 +410,8 @@ def value_write(idx, weight, v_hat, target, gate, has_target, *, value_lr: float
         return None
     rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True) if unique is None else unique
     reads = torch.bincount(inverse, minlength=rows.numel()).to(v_hat.dtype)         # N_read per touched row
-    coef = ((gate * has_target)[:, :, None, None] * weight).reshape(B * C, H * k, 1)
-    resid = (v_hat - target).reshape(B * C, 1, -1)
-    # the outer products as a bmm: its backward is two bmms that never write a [B*C*H*k, d_v] temporary
-    sums = v_hat.new_zeros(rows.numel(), v_hat.shape[-1]).index_add(0, inverse, torch.bmm(coef, resid).flatten(0, 1))
+    coef = ((gate * has_target)[:, :, None, None] * weight).reshape(B * C, H * k)
+    sums = row_sum(coef, inverse.view(B * C, H * k), (v_hat - target).reshape(B * C, -1), rows.numel())
     scale = value_lr * (k * H) * (B * C / num_targets)
     return rows, sums * (-scale / reads)[:, None]
 
@@ -422,9 +505,8 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
             idx = addr.idx.reshape(B, C, H, top_k)
             rows_at = idx if streams == 1 else idx + offsets                  # row ids in the store
             touched = torch.unique(rows_at.reshape(-1), return_inverse=True)  # one sort for read and write
-            rows_read = table.read(*touched).view(*addr.idx.shape, -1)
-            v_hat = torch.einsum("...hk,...hkd->...d", addr.weight, rows_read)
-            v_hat = v_hat.reshape(B, C, -1)
+            cols = touched[1].view(B * C, H * top_k)
+            v_hat = token_sum(addr.weight.reshape(B * C, H * top_k), cols, table.read(touched[0])).view(B, C, -1)
             if not addr_loss:  # ablation: no addressing loss, the memorization MSE moves the keys as well
                 m = max(int(has.sum()) * B, 1)
                 key_loss = 0.5 * (B * C / m) * ((gate * has)[..., None] * (v_hat - target).square()).sum()
@@ -518,8 +600,8 @@ def _scan_group(q, v, g, keys, values, exchange: TokenExchange, *, private: bool
         weight_all = exchange.gather_tokens(weight, "read")
         rows_at = idx_all + offsets if private else idx_all
         touched = torch.unique(rows_at.reshape(-1), return_inverse=True)
-        reads = table.read(*touched).view(group_size * C, H, top_k, -1)
-        v_cols = torch.einsum("mhk,mhkd->md", weight_all.reshape(-1, H, top_k), reads).view(group_size, C, -1)
+        cols = touched[1].view(group_size * C, H * top_k)
+        v_cols = token_sum(weight_all.reshape(-1, H * top_k), cols, table.read(touched[0])).view(group_size, C, -1)
         v_hat = exchange.columns_to_tokens(v_cols, "read")               # [B, C, d]
         gate_all = exchange.gather_tokens(g_c, "write")
         target_cols = exchange.tokens_to_columns(target, "write")

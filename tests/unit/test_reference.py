@@ -233,3 +233,30 @@ def test_closed_form_key_grad_matches_autograd_to_second_order(score, streams):
     second_closed = torch.autograd.grad((closed * u).sum(), (q, keys))
     for a, b in zip(second_closed, second_auto):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("csr", [True, False])
+def test_read_and_write_products_match_their_definition_to_second_order(csr, monkeypatch):
+    """`token_sum` (the read) and `row_sum` (the write), as CSR products on CPU or as gathers, equal the
+    plain indexing definitions with repeated columns (a slot twice in one token's reads), in value, first-
+    and second-order gradients (each backward is built from the other products)."""
+    monkeypatch.setattr(reference, "CSR_ON_CPU", csr)
+    gen = torch.Generator().manual_seed(5)
+    M, k, U, d = 7, 5, 6, 3
+    cols = torch.randint(0, U, (M, k), generator=gen)
+    cols[0, 1] = cols[0, 0]
+    a, X, Y = (torch.randn(*shape, generator=gen).requires_grad_() for shape in ((M, k), (U, d), (M, d)))
+    u_read, u_write = torch.randn(M, d, generator=gen), torch.randn(U, d, generator=gen)
+
+    def loss(read, write):
+        return (read * u_read).sum() + (write.sin() * u_write).sum()
+    fast = loss(reference.token_sum(a, cols, X), reference.row_sum(a, cols, Y, U))
+    plain = loss((a[..., None] * X[cols]).sum(1),
+                 torch.zeros(U, d).index_add(0, cols.reshape(-1), (a[..., None] * Y[:, None, :]).reshape(-1, d)))
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(f, (a, X, Y), create_graph=True) for f in (fast, plain)]
+    for g_fast, g_plain in zip(*grads):
+        torch.testing.assert_close(g_fast, g_plain, rtol=1e-12, atol=1e-12)
+    second = [torch.autograd.grad(sum((g * g.cos()).sum() for g in gs), (a, X, Y)) for gs in grads]
+    for s_fast, s_plain in zip(*second):
+        torch.testing.assert_close(s_fast, s_plain, rtol=1e-11, atol=1e-12)
