@@ -89,18 +89,21 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
     return Address(idx, weight, (s1, s2), (i1, i2))
 
 
-# --- k rows per token: a sparse [M, U] matrix A with A[r, cols[r, j]] += a[r, j] -------------------------
+# --- k rows per token and head: a sparse [M, U] matrix A with A[r, cols[r, h, j]] += a[r, h, j] ------------
 # The read (token_sum = A X), the write (row_sum = A^T Y) and their gradients (sampled_dot) are one family:
 # each backward is built from the other two, so every order of derivative stays exact. On CPU the read and
-# the sampled dot run as CSR products (no [M*k, d] temporary: 2-7x faster there, bench/op_profile.py);
-# elsewhere, and for row_sum everywhere, as gathers and index_adds.
+# the sampled dot run as CSR products with one row per (token, head), whose k columns are distinct (one head's
+# top-k slots), as `sampled_addmm` needs: no [M*H*k, d] temporary, 2-7x faster there (docs/performance.md).
+# Elsewhere, and for row_sum everywhere (a CSC product is slower on CPU), as gathers and index_adds.
 CSR_ON_CPU = True  # tests switch it off to check the CSR form against the gather form
 
 
 def _csr(a: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
-    M, k = a.shape
-    crow = torch.arange(0, M * k + 1, k, device=a.device)
-    return torch.sparse_csr_tensor(crow, cols.reshape(-1), a.reshape(-1), size=(M, n_cols), check_invariants=False)
+    """[M*H, n_cols] CSR matrix with row (r, h) holding a[r, h, :] at columns cols[r, h, :]."""
+    k = a.shape[-1]
+    crow = torch.arange(0, a.numel() + 1, k, device=a.device)
+    return torch.sparse_csr_tensor(crow, cols.reshape(-1), a.reshape(-1), size=(a.numel() // k, n_cols),
+                                   check_invariants=False)
 
 
 def _on_csr(t: torch.Tensor) -> bool:
@@ -108,15 +111,16 @@ def _on_csr(t: torch.Tensor) -> bool:
 
 
 class _TokenSum(torch.autograd.Function):
-    """out[r] = sum_j a[r, j] X[cols[r, j]]: a [M, k], cols [M, k] int64, X [U, d] -> [M, d]."""
+    """out[r] = sum_{h, j} a[r, h, j] X[cols[r, h, j]]: a, cols [M, H, k], X [U, d] -> [M, d]."""
 
     @staticmethod
     def forward(ctx, a, cols, X):
         ctx.save_for_backward(a, cols, X)
+        M, H, k = a.shape
         if _on_csr(X):
-            return _csr(a, cols, X.shape[0]) @ X
-        M, k = a.shape
-        return torch.bmm(a.view(M, 1, k), X.index_select(0, cols.reshape(-1)).view(M, k, -1)).view(M, -1)
+            out = _csr(a, cols, X.shape[0]) @ X
+            return out if H == 1 else out.view(M, H, -1).sum(1)
+        return torch.bmm(a.view(M, 1, H * k), X.index_select(0, cols.reshape(-1)).view(M, H * k, -1)).view(M, -1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -127,13 +131,14 @@ class _TokenSum(torch.autograd.Function):
 
 
 class _RowSum(torch.autograd.Function):
-    """S[u] = sum over (r, j) with cols[r, j] = u of a[r, j] Y[r]: a, cols [M, k], Y [M, d] -> [U, d]."""
+    """S[u] = sum over (r, h, j) with cols[r, h, j] = u of a[r, h, j] Y[r]: a, cols [M, H, k], Y [M, d] -> [U, d]."""
 
     @staticmethod
     def forward(ctx, a, cols, Y, num_rows):
-        ctx.save_for_backward(a, cols, Y)  # no CSR form: a CSC product (A^T Y) is slower than this on CPU
-        M, k = a.shape
-        return Y.new_zeros(num_rows, Y.shape[1]).index_add(0, cols.reshape(-1), torch.bmm(a.view(M, k, 1), Y.view(M, 1, -1)).view(M * k, -1))
+        ctx.save_for_backward(a, cols, Y)
+        M, H, k = a.shape
+        outer = torch.bmm(a.view(M, H * k, 1), Y.view(M, 1, -1)).view(M * H * k, -1)
+        return Y.new_zeros(num_rows, Y.shape[1]).index_add(0, cols.reshape(-1), outer)
 
     @staticmethod
     def backward(ctx, grad):
@@ -144,16 +149,17 @@ class _RowSum(torch.autograd.Function):
 
 
 class _SampledDot(torch.autograd.Function):
-    """D[r, j] = <P[r], Q[cols[r, j]]>: P [M, d], Q [U, d], cols [M, k] -> [M, k]."""
+    """D[r, h, j] = <P[r], Q[cols[r, h, j]]>: P [M, d], Q [U, d], cols [M, H, k] -> [M, H, k]."""
 
     @staticmethod
     def forward(ctx, P, Q, cols):
         ctx.save_for_backward(P, Q, cols)
+        M, H, k = cols.shape
         if _on_csr(P):
+            rows = P if H == 1 else P.repeat_interleave(H, 0)                     # one row per (token, head)
             pattern = _csr(P.new_ones(cols.shape), cols, Q.shape[0])
-            return torch.sparse.sampled_addmm(pattern, P, Q.t(), beta=0.0).values().view(cols.shape)
-        M, k = cols.shape
-        return torch.bmm(Q.index_select(0, cols.reshape(-1)).view(M, k, -1), P.view(M, -1, 1)).view(M, k)
+            return torch.sparse.sampled_addmm(pattern, rows, Q.t(), beta=0.0).values().view(cols.shape)
+        return torch.bmm(Q.index_select(0, cols.reshape(-1)).view(M, H * k, -1), P.view(M, -1, 1)).view(M, H, k)
 
     @staticmethod
     def backward(ctx, grad):
@@ -164,12 +170,14 @@ class _SampledDot(torch.autograd.Function):
 
 
 def token_sum(a: torch.Tensor, cols: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of k rows per token: out[r] = sum_j a[r, j] X[cols[r, j]] (a [M, k], X [U, d] -> [M, d])."""
+    """The read: out[r] = sum_{h, j} a[r, h, j] X[cols[r, h, j]] (a, cols [M, H, k], X [U, d] -> [M, d]);
+    the k columns of one (r, h) must be distinct (one head's top-k)."""
     return _TokenSum.apply(a.contiguous(), cols.contiguous(), X.contiguous())
 
 
 def row_sum(a: torch.Tensor, cols: torch.Tensor, Y: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """The transpose of `token_sum`: S[u] = sum of a[r, j] Y[r] over cols[r, j] = u (Y [M, d] -> [num_rows, d])."""
+    """The write, `token_sum`'s transpose: S[u] = sum of a[r, h, j] Y[r] over cols[r, h, j] = u
+    (Y [M, d] -> [num_rows, d])."""
     return _RowSum.apply(a.contiguous(), cols.contiguous(), Y.contiguous(), num_rows)
 
 
@@ -178,8 +186,7 @@ def pkm_read(values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> t
 
     Mixed dtypes (a bf16 table, fp32 weights) compute in the promoted dtype, as the Triton read does."""
     dtype = torch.promote_types(weight.dtype, values.dtype)
-    M, H, k = idx.shape
-    return token_sum(weight.to(dtype).reshape(M, H * k), idx.reshape(M, H * k), values.to(dtype))
+    return token_sum(weight.to(dtype), idx, values.to(dtype))
 
 
 def addressing_loss(address: Address) -> torch.Tensor:
@@ -410,8 +417,8 @@ def value_write(idx, weight, v_hat, target, gate, has_target, *, value_lr: float
         return None
     rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True) if unique is None else unique
     reads = torch.bincount(inverse, minlength=rows.numel()).to(v_hat.dtype)         # N_read per touched row
-    coef = ((gate * has_target)[:, :, None, None] * weight).reshape(B * C, H * k)
-    sums = row_sum(coef, inverse.view(B * C, H * k), (v_hat - target).reshape(B * C, -1), rows.numel())
+    coef = ((gate * has_target)[:, :, None, None] * weight).reshape(B * C, H, k)
+    sums = row_sum(coef, inverse.view(B * C, H, k), (v_hat - target).reshape(B * C, -1), rows.numel())
     scale = value_lr * (k * H) * (B * C / num_targets)
     return rows, sums * (-scale / reads)[:, None]
 
@@ -505,8 +512,8 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
             idx = addr.idx.reshape(B, C, H, top_k)
             rows_at = idx if streams == 1 else idx + offsets                  # row ids in the store
             touched = torch.unique(rows_at.reshape(-1), return_inverse=True)  # one sort for read and write
-            cols = touched[1].view(B * C, H * top_k)
-            v_hat = token_sum(addr.weight.reshape(B * C, H * top_k), cols, table.read(touched[0])).view(B, C, -1)
+            cols = touched[1].view(B * C, H, top_k)
+            v_hat = token_sum(addr.weight.reshape(B * C, H, top_k), cols, table.read(touched[0])).view(B, C, -1)
             if not addr_loss:  # ablation: no addressing loss, the memorization MSE moves the keys as well
                 m = max(int(has.sum()) * B, 1)
                 key_loss = 0.5 * (B * C / m) * ((gate * has)[..., None] * (v_hat - target).square()).sum()
@@ -600,8 +607,8 @@ def _scan_group(q, v, g, keys, values, exchange: TokenExchange, *, private: bool
         weight_all = exchange.gather_tokens(weight, "read")
         rows_at = idx_all + offsets if private else idx_all
         touched = torch.unique(rows_at.reshape(-1), return_inverse=True)
-        cols = touched[1].view(group_size * C, H * top_k)
-        v_cols = token_sum(weight_all.reshape(-1, H * top_k), cols, table.read(touched[0])).view(group_size, C, -1)
+        cols = touched[1].view(group_size * C, H, top_k)
+        v_cols = token_sum(weight_all.reshape(-1, H, top_k), cols, table.read(touched[0])).view(group_size, C, -1)
         v_hat = exchange.columns_to_tokens(v_cols, "read")               # [B, C, d]
         gate_all = exchange.gather_tokens(g_c, "write")
         target_cols = exchange.tokens_to_columns(target, "write")

@@ -238,21 +238,21 @@ def test_closed_form_key_grad_matches_autograd_to_second_order(score, streams):
 @pytest.mark.parametrize("csr", [True, False])
 def test_read_and_write_products_match_their_definition_to_second_order(csr, monkeypatch):
     """`token_sum` (the read) and `row_sum` (the write), as CSR products on CPU or as gathers, equal the
-    plain indexing definitions with repeated columns (a slot twice in one token's reads), in value, first-
+    plain indexing definitions, a slot read by two heads of one token included, in value, first-
     and second-order gradients (each backward is built from the other products)."""
     monkeypatch.setattr(reference, "CSR_ON_CPU", csr)
     gen = torch.Generator().manual_seed(5)
-    M, k, U, d = 7, 5, 6, 3
-    cols = torch.randint(0, U, (M, k), generator=gen)
-    cols[0, 1] = cols[0, 0]
-    a, X, Y = (torch.randn(*shape, generator=gen).requires_grad_() for shape in ((M, k), (U, d), (M, d)))
+    M, H, k, U, d = 7, 2, 3, 6, 3
+    cols = torch.stack([torch.randperm(U, generator=gen)[:k] for _ in range(M * H)]).view(M, H, k)
+    cols[0, 1] = cols[0, 0]                                  # one slot read by both heads of a token
+    a, X, Y = (torch.randn(*shape, generator=gen).requires_grad_() for shape in ((M, H, k), (U, d), (M, d)))
     u_read, u_write = torch.randn(M, d, generator=gen), torch.randn(U, d, generator=gen)
 
     def loss(read, write):
         return (read * u_read).sum() + (write.sin() * u_write).sum()
     fast = loss(reference.token_sum(a, cols, X), reference.row_sum(a, cols, Y, U))
-    plain = loss((a[..., None] * X[cols]).sum(1),
-                 torch.zeros(U, d).index_add(0, cols.reshape(-1), (a[..., None] * Y[:, None, :]).reshape(-1, d)))
+    plain = loss((a[..., None] * X[cols]).sum((1, 2)),
+                 torch.zeros(U, d).index_add(0, cols.reshape(-1), (a[..., None] * Y[:, None, None, :]).reshape(-1, d)))
     torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
     grads = [torch.autograd.grad(f, (a, X, Y), create_graph=True) for f in (fast, plain)]
     for g_fast, g_plain in zip(*grads):
