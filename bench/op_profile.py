@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling import scan_case  # noqa: E402  (the same inputs as the scaling table)
-from step import stepper  # noqa: E402
+from step import make_step  # noqa: E402
 
 from fwpkm_megatron import ops  # noqa: E402
 from fwpkm_megatron.config import load_config  # noqa: E402
@@ -74,8 +74,8 @@ def main() -> None:
     cases = {}
     if args.case in ("step", "all"):
         init_single_process(0)
-        cases["step, no memory"] = stepper(load_config(args.config, ["fwpkm.layers=[]", "pkm.layers=[]"]), 4096)
-        cases["step, with memory (the config)"] = stepper(load_config(args.config), 4096)
+        cases["step, no memory"] = make_step(load_config(args.config, ["fwpkm.layers=[]", "pkm.layers=[]"]), 4096)
+        cases["step, with memory (the config)"] = make_step(load_config(args.config), 4096)
     if args.case in ("scan", "all"):
         cases["fwpkm_scan_rows, T=2048, N=4096"] = scan_case(2048, 4096)
     if args.case in ("table", "all"):

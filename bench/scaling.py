@@ -1,7 +1,8 @@
 """How the memory's CPU hot path scales: the FwPKM scan against softmax attention, and the training step.
 
     .venv/bin/python bench/scaling.py [--tokens 256] [--slots 4096] [--token-mults 1 2 4 8 16 32]
-                                      [--slot-mults 1 4 16] [--repeats 3] [--steps 6] [--skip-step]
+                                      [--slot-mults 1 4 16] [--repeats 3] [--steps 10] [--step-runs 3]
+                                      [--skip-scan | --skip-step]
 
 Scan: `ops.fwpkm_scan_rows` forward + backward as the FwPKM layer calls it (q, v, g and the keys require
 grad, the value table is a buffer; the loss covers the reads, the new keys and the written rows), with
@@ -9,17 +10,21 @@ B=2, H=2, d_k=32, d_v=64, C=64, k=8, at `--tokens` x each token multiple (N = `-
 each slot multiple (T = `--tokens`). Beside it, causal softmax attention of the same width (2 heads of 32 =
 d_v; `scaled_dot_product_attention`, forward + backward) at the same token counts: the core op of each
 layer, projections left out of both. Step: bench/step.py's configs/tiny.yaml variants (forward + backward +
-AdamW on synthetic tokens), throughput relative to the model without memory layers.
+AdamW on synthetic tokens), throughput relative to the model without memory layers, in `--step-runs` fresh
+processes (their median is the number to quote).
 
 Timing: CPU seconds of this process (`time.process_time`, one intra-op thread), every variant interleaved
-with the others in each round, the median over rounds (the first round is a warm-up). On a shared machine
-CPU time is far steadier than wall time; ratios within one run are the numbers to quote.
+with the others in each round, the median over rounds (the first round, two for the step, warm up). On a
+shared machine CPU time is far steadier than wall time. Scan ratios come from one process; the step's
+ratios also move with the process (where its tensors land), so the step runs in `--step-runs` processes.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fwpkm_megatron import ops
+from fwpkm_megatron.benign import silence
 
 B, H, D_K, D_V, CHUNK, TOP_K = 2, 2, 32, 64, 64, 8
 
@@ -95,40 +101,42 @@ def scan_table(args) -> None:
 
 
 def step_table(args) -> None:
+    """bench/step.py's tiny-config variants in this process; prints one STEP_JSON line for `step_runs`."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from step import VARIANTS
+    from step import VARIANTS, make_step, time_interleaved
 
     from fwpkm_megatron.config import load_config
-    from fwpkm_megatron.model import build_model
     from fwpkm_megatron.parallel.groups import init_single_process
 
     init_single_process(0)
     names = ["no memory", "FwPKM only", "FwPKM + PKM (config)", "FwPKM + PKM, per_sequence"]
-    cases = {}
-    for name in names:
-        run = load_config(args.config, VARIANTS[name])
-        torch.manual_seed(0)
-        model = build_model(run, args.vocab)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        b, s = run.train.micro_batch_size, run.train.seq_len
-        tokens = torch.randint(0, args.vocab, (b, s + 1), generator=torch.Generator().manual_seed(0))
-        positions = torch.arange(s).expand(b, s)
-        model.window_control.begin_step(0, 0, training=True)
+    steps = {name: make_step(load_config(args.config, VARIANTS[name]), args.vocab) for name in names}
+    t = time_interleaved(steps, args.steps, clock=time.process_time)
+    print("STEP_JSON " + json.dumps({name: t[name] for name in names}))
 
-        def step(model=model, opt=opt, tokens=tokens, positions=positions):
-            loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        step()  # a first step outside the timing (allocator, lazy state)
-        cases[name] = step
-    t = interleaved(cases, args.steps)
+
+def step_runs(args) -> None:
+    """The step table in `--step-runs` fresh processes: one process's ratios move by up to +-8 % on a shared
+    VM (where its tensors land), far more than between the rounds inside it, so each run is printed and the
+    median over runs is the number to quote."""
+    from fwpkm_megatron.config import load_config
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--skip-scan", "--step-runs", "0", "--steps", str(args.steps),
+           "--config", args.config, "--vocab", str(args.vocab)]
+    runs = []
+    for _ in range(args.step_runs):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(next(line for line in out.splitlines() if line.startswith("STEP_JSON "))[10:]))
     run = load_config(args.config)
     tok = run.train.micro_batch_size * run.train.seq_len
-    print(f"\nTraining step, {args.config} ({tok} tokens/step), CPU ms, median of {args.steps} interleaved rounds")
-    print(f"{'variant':<28} {'ms/step':>9} {'tokens/s':>10} {'throughput x no-memory':>24}")
-    for name in names:
-        print(f"{name:<28} {t[name] * 1e3:>9.1f} {tok / t[name]:>10,.0f} {t['no memory'] / t[name]:>24.2f}")
+    print(f"\nTraining step, {args.config} ({tok} tokens/step), CPU ms (median of {args.steps} interleaved rounds "
+          f"per process), {len(runs)} processes")
+    print(f"{'variant':<28} {'ms/step (median)':>17} {'tokens/s':>10}   throughput x no-memory: per process -> median")
+    for name in runs[0]:
+        ms = statistics.median(r[name] for r in runs)
+        ratios = [r["no memory"] / r[name] for r in runs]
+        print(f"{name:<28} {ms * 1e3:>17.1f} {tok / ms:>10,.0f}   {' '.join(f'{x:.2f}' for x in ratios)} -> "
+              f"{statistics.median(ratios):.2f}")
 
 
 def main() -> None:
@@ -139,11 +147,13 @@ def main() -> None:
     parser.add_argument("--slot-mults", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--skip-step", action="store_true", help="only the scan table")
     parser.add_argument("--skip-scan", action="store_true", help="only the step table")
+    parser.add_argument("--step-runs", type=int, default=3, help="fresh processes for the step table (0: this one, raw)")
     args = parser.parse_args()
+    silence()
     if args.token_mults[0] != 1 or args.slot_mults[0] != 1:
         parser.error("--token-mults and --slot-mults start at 1 (the base every ratio divides by)")
     torch.set_num_threads(1)
@@ -151,7 +161,7 @@ def main() -> None:
     if not args.skip_scan:
         scan_table(args)
     if not args.skip_step:
-        step_table(args)
+        step_runs(args) if args.step_runs else step_table(args)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

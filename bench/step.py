@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from fwpkm_megatron.benign import silence
 from fwpkm_megatron.config import load_config
 from fwpkm_megatron.model import build_model
 from fwpkm_megatron.parallel.groups import init_single_process
@@ -28,33 +29,33 @@ VARIANTS = {
 }
 
 
-def stepper(run, vocab: int):
-    """A closure running one forward+backward+AdamW step of a fresh model for `run`, returning its seconds."""
+def make_step(run, vocab: int):
+    """A closure running one forward+backward+AdamW step of a fresh model for `run` (seeded tokens and weights)."""
     torch.manual_seed(0)
     model = build_model(run, vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     b, s = run.train.micro_batch_size, run.train.seq_len
-    tokens = torch.randint(0, vocab, (b, s + 1))
+    tokens = torch.randint(0, vocab, (b, s + 1), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(s).expand(b, s)
     model.window_control.begin_step(0, 0, training=True)
 
-    def step() -> float:
-        t0 = time.perf_counter()
+    def step() -> None:
         loss = model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return time.perf_counter() - t0
     return step
 
 
-def time_interleaved(steppers: dict, steps: int) -> dict:
-    """Median seconds per step of each variant, the variants taking turns step by step (a shared machine's
-    load then hits them alike); the first two rounds warm allocators and are dropped."""
-    times = {name: [] for name in steppers}
-    for _ in range(steps + 2):
-        for name, step in steppers.items():
-            times[name].append(step())
+def time_interleaved(steps_by_name: dict, rounds: int, clock=time.perf_counter) -> dict:
+    """Median seconds per call of each closure, taking turns call by call (a shared machine's load then hits
+    them alike); the first two rounds warm allocators and are dropped."""
+    times = {name: [] for name in steps_by_name}
+    for _ in range(rounds + 2):
+        for name, step in steps_by_name.items():
+            t0 = clock()
+            step()
+            times[name].append(clock() - t0)
     return {name: statistics.median(t[2:]) for name, t in times.items()}
 
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=4096)
     args = parser.parse_args()
+    silence()
     torch.set_num_threads(args.threads)
     init_single_process(0)
     variants = dict(VARIANTS)
@@ -72,8 +74,8 @@ def main() -> None:
     if run.model.mixer == "gdn":  # the same model with attention in every layer, for the backbone's cost
         variants["attention mixer, no memory"] = ["model.mixer=attention", "model.attention_layers=[]",
                                                   "fwpkm.layers=[]", "pkm.layers=[]"]
-    steppers = {name: stepper(load_config(args.config, overrides), args.vocab) for name, overrides in variants.items()}
-    rows = list(time_interleaved(steppers, args.steps).items())
+    steps = {name: make_step(load_config(args.config, overrides), args.vocab) for name, overrides in variants.items()}
+    rows = list(time_interleaved(steps, args.steps).items())
     base = rows[0][1]
     tok = run.train.micro_batch_size * run.train.seq_len
     print(f"config {args.config}: {tok} tokens/step, {args.threads} thread(s), median of {args.steps} steps")
