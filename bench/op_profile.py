@@ -24,6 +24,7 @@ from scaling import scan_case  # noqa: E402  (the same inputs as the scaling tab
 from step import make_step  # noqa: E402
 
 from fwpkm_megatron import ops  # noqa: E402
+from fwpkm_megatron.benign import silence  # noqa: E402
 from fwpkm_megatron.config import load_config  # noqa: E402
 from fwpkm_megatron.parallel.groups import init_single_process  # noqa: E402
 
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--config", default="configs/tiny.yaml")
     args = parser.parse_args()
+    silence()
     torch.set_num_threads(1)
     cases = {}
     if args.case in ("step", "all"):

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scaling.py [--tokens 256] [--slots 4096] [--token-mults 1 2 4 8 16 32]
                                       [--slot-mults 1 4 16] [--repeats 3] [--steps 10] [--step-runs 3]
-                                      [--skip-scan | --skip-step]
+                                      [--skip-scan | --skip-step] [--compare-with REV]
 
 Scan: `ops.fwpkm_scan_rows` forward + backward as the FwPKM layer calls it (q, v, g and the keys require
 grad, the value table is a buffer; the loss covers the reads, the new keys and the written rows), with
@@ -21,11 +21,13 @@ ratios also move with the process (where its tensors land), so the step runs in 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -37,8 +39,22 @@ from fwpkm_megatron.benign import silence
 B, H, D_K, D_V, CHUNK, TOP_K = 2, 2, 32, 64, 64, 8
 
 
-def scan_case(T: int, N: int, seed: int = 0):
-    """A closure running one scan forward + backward on fixed random inputs."""
+def reference_at(rev: str):
+    """`ops/reference.py` as of git revision `rev`, imported as its own module (for --compare-with)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{rev}:fwpkm_megatron/ops/reference.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), f"reference_{rev}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"reference_{rev}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def scan_case(T: int, N: int, seed: int = 0, module=None):
+    """A closure running one scan forward + backward on fixed random inputs (with `module`'s reference scan)."""
     gen = torch.Generator().manual_seed(seed)
     R = int(N ** 0.5)
     if R * R != N:
@@ -50,7 +66,10 @@ def scan_case(T: int, N: int, seed: int = 0):
     values = torch.randn(N, D_V, generator=gen) * D_V ** -0.5
 
     def run():
-        res = ops.fwpkm_scan_rows(q, v, g, keys, values, backend="reference", top_k=TOP_K, chunk_size=CHUNK)
+        if module is None:
+            res = ops.fwpkm_scan_rows(q, v, g, keys, values, backend="reference", top_k=TOP_K, chunk_size=CHUNK)
+        else:
+            res = module.fwpkm_scan_rows(q, v, g, keys, values, top_k=TOP_K, chunk_size=CHUNK)
         (res.v_hat.square().sum() + res.keys.square().sum() + res.row_values.square().sum()).backward()
     return run
 
@@ -84,7 +103,23 @@ def scan_table(args) -> None:
         cases["attention", "T", m] = attention_case(args.tokens * m)
     for m in args.slot_mults[1:]:
         cases["scan", "N", m] = scan_case(args.tokens, args.slots * m)
+    if args.compare_with:  # the same scans with the reference of that revision, alternating with these
+        old = reference_at(args.compare_with)
+        for kind, m in [k[1:] for k in list(cases) if k[0] == "scan"]:
+            T, N = (args.tokens * m, args.slots) if kind == "T" else (args.tokens, args.slots * m)
+            cases["before", kind, m] = scan_case(T, N, module=old)
     t = interleaved(cases, args.repeats)
+    if args.compare_with:
+        print(f"scan at revision {args.compare_with} (before) and now (after), alternating, CPU ms, median of "
+              f"{args.repeats}")
+        print(f"{'tokens':>8} {'slots':>8} {'before':>9} {'x before':>9} {'after':>9} {'x after':>8} {'after/before':>13}")
+        b0, a0 = t["before", "T", 1], t["scan", "T", 1]
+        rows = [("T", m, args.tokens * m, args.slots) for m in args.token_mults]
+        rows += [("N", m, args.tokens, args.slots * m) for m in args.slot_mults[1:]]
+        for kind, m, T, N in rows:
+            b, a = t["before", kind, m], t["scan", kind, m]
+            print(f"{T:>8} {N:>8} {b * 1e3:>9.1f} {b / b0:>9.2f} {a * 1e3:>9.1f} {a / a0:>8.2f} {a / b:>13.2f}")
+        print()
     t0 = t["scan", "T", 1]
     a0 = t["attention", "T", 1]
     t["scan", "N", 1] = t0
@@ -151,6 +186,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--skip-step", action="store_true", help="only the scan table")
     parser.add_argument("--skip-scan", action="store_true", help="only the step table")
+    parser.add_argument("--compare-with", metavar="REV", help="also run the scans with ops/reference.py of this git "
+                        "revision, alternating (a before/after in one process)")
     parser.add_argument("--step-runs", type=int, default=3, help="fresh processes for the step table (0: this one, raw)")
     args = parser.parse_args()
     silence()
