@@ -1,7 +1,7 @@
 """How the memory's CPU hot path scales: the FwPKM scan against softmax attention, and the training step.
 
     .venv/bin/python bench/scaling.py [--tokens 256] [--slots 4096] [--token-mults 1 2 4 8 16 32]
-                                      [--slot-mults 1 4 16] [--repeats 3] [--steps 10] [--step-runs 3]
+                                      [--slot-mults 1 4 16] [--repeats 7] [--steps 10] [--step-runs 3]
                                       [--skip-scan | --skip-step] [--compare-with REV]
 
 Scan: `ops.fwpkm_scan_rows` forward + backward as the FwPKM layer calls it (q, v, g and the keys require
@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4096)
     parser.add_argument("--token-mults", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--slot-mults", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--vocab", type=int, default=4096)
