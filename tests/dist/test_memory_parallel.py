@@ -153,8 +153,9 @@ def loaded(overrides: list[str], directory) -> dict:
 
 
 class LargeTensors(TorchDispatchMode):
-    """Records every op output with at least `limit` elements (recorded, not raised: a raise inside one
-    rank's collective would hang the others)."""
+    """Records every dense op output with at least `limit` elements (recorded, not raised: a raise inside one
+    rank's collective would hang the others). A sparse tensor (the CPU read's CSR matrix of [tokens, N])
+    stores only its entries, which are dense outputs of their own."""
 
     def __init__(self, limit: int):
         super().__init__()
@@ -163,7 +164,8 @@ class LargeTensors(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() >= self.limit:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.layout == torch.strided \
+                    and t.numel() >= self.limit:
                 self.seen.append((str(func), tuple(t.shape)))
         return out
 
