@@ -185,7 +185,7 @@ class FwPKMBlock(nn.Module):
             self.last_diagnostics = self._diagnostics(res, values)
         if not per_sequence and not recompute:  # persistent: the state after the last chunk carries on
             self.state.commit(res.keys, res.rows, res.row_values)
-        mixed = res.v_hat if g is None else torch.lerp(v, res.v_hat, g[..., None])     # Eq. 12: g v_hat + (1 - g) v
+        mixed = res.v_hat if g is None else torch.lerp(v, res.v_hat.to(v.dtype), g[..., None])     # Eq. 12: g v_hat + (1 - g) v
         out = comm.row_parallel_linear(self.out_proj, self.out_norm(mixed.to(hidden_states.dtype)))
         self.last_reads = res.idx.detach()
         self.last_gate = None if g is None else g.detach()
