@@ -53,7 +53,10 @@ def reference_at(rev: str):
     return module
 
 
-def scan_case(T: int, N: int, seed: int = 0, module=None):
+TINY_LAYER = dict(B=8, H=1, D_K=64, D_V=128)  # configs/tiny.yaml's FwPKM layer: 8 x 256 tokens, N = 4,096
+
+
+def scan_case(T: int, N: int, seed: int = 0, module=None, B=B, H=H, D_K=D_K, D_V=D_V):
     """A closure running one scan forward + backward on fixed random inputs (with `module`'s reference scan)."""
     gen = torch.Generator().manual_seed(seed)
     R = int(N ** 0.5)
@@ -108,6 +111,8 @@ def scan_table(args) -> None:
         for kind, m in [k[1:] for k in list(cases) if k[0] == "scan"]:
             T, N = (args.tokens * m, args.slots) if kind == "T" else (args.tokens, args.slots * m)
             cases["before", kind, m] = scan_case(T, N, module=old)
+        cases["scan", "tiny", 1] = scan_case(256, 4096, **TINY_LAYER)    # and the tiny config's layer
+        cases["before", "tiny", 1] = scan_case(256, 4096, module=old, **TINY_LAYER)
     t = interleaved(cases, args.repeats)
     if args.compare_with:
         print(f"scan at revision {args.compare_with} (before) and now (after), alternating, CPU ms, median of "
@@ -119,7 +124,9 @@ def scan_table(args) -> None:
         for kind, m, T, N in rows:
             b, a = t["before", kind, m], t["scan", kind, m]
             print(f"{T:>8} {N:>8} {b * 1e3:>9.1f} {b / b0:>9.2f} {a * 1e3:>9.1f} {a / a0:>8.2f} {a / b:>13.2f}")
-        print()
+        b, a = t["before", "tiny", 1], t["scan", "tiny", 1]
+        print(f"configs/tiny.yaml's layer (B=8, H=1, d_k=64, d_v=128, 256 tokens, 4096 slots): before {b * 1e3:.1f} "
+              f"ms, after {a * 1e3:.1f} ms, after/before {a / b:.2f}\n")
     t0 = t["scan", "T", 1]
     a0 = t["attention", "T", 1]
     t["scan", "N", 1] = t0

@@ -107,7 +107,8 @@ def _csr(a: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def _on_csr(t: torch.Tensor) -> bool:
-    return CSR_ON_CPU and t.device.type == "cpu"
+    """CSR products on CPU in fp32/fp64 (torch has no CPU CSR matmul for bf16/fp16)."""
+    return CSR_ON_CPU and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
 class _TokenSum(torch.autograd.Function):
