@@ -221,7 +221,8 @@ def addressing_key_grad(address: Address, q: torch.Tensor, keys: torch.Tensor, *
     """
     half, R = keys.shape[-1], keys.shape[-2]
     tops = address.sub_topk
-    probs = [s.gather(-1, top).softmax(-1) for s, top in zip(address.sub_scores, tops)]   # [..., M, H, k]
+    top_scores = [s.gather(-1, top) for s, top in zip(address.sub_scores, tops)]         # [..., M, H, k]
+    probs = [s.softmax(-1) for s in top_scores]
     usage = torch.stack([p.new_zeros(*p.shape[:-3], R).scatter_add(-1, top.flatten(-3), p.flatten(-3))
                          for p, top in zip(probs, tops)])                                 # [2, ..., R]
     rows = q.shape[-3] * q.shape[-2]
@@ -231,10 +232,10 @@ def addressing_key_grad(address: Address, q: torch.Tensor, keys: torch.Tensor, *
     p_bar = usage / rows
     slope = weight * (torch.log(p_bar + ENTROPY_EPS) + p_bar / (p_bar + ENTROPY_EPS)) / rows  # dL/dp, [2, ..., R]
     grads = []
-    for m, (s, top, p) in enumerate(zip(address.sub_scores, tops, probs)):
+    for m, (s, top, top_s, p) in enumerate(zip(address.sub_scores, tops, top_scores, probs)):
         a = slope[m].gather(-1, top.flatten(-3)).view_as(top)
         ds = p * (a - (p * a).sum(-1, keepdim=True))                                      # dL/ds at the top-k
-        coef = 2 * ds * s.gather(-1, top).exp() if score == "idw" else ds
+        coef = 2 * ds * top_s.exp() if score == "idw" else ds
         dense = torch.zeros_like(s).scatter(-1, top, coef)                                # [..., M, H, R]
         grad = torch.einsum("...mhr,...mhd->...hrd", dense, q[..., m * half:(m + 1) * half])
         if score == "idw":
@@ -366,6 +367,12 @@ class RowStore:
         self.slot[rows] = pos
         self.used += count
         return pos, new
+
+    def weighted_read(self, row_ids: torch.Tensor, weight: torch.Tensor):
+        """One chunk's reads: row_ids, weight [M, H, k] -> (sum_{h,j} weight * current row [M, d_v], the chunk's
+        (rows, inverse) from its one sort, which the write reuses)."""
+        touched = torch.unique(row_ids.reshape(-1), return_inverse=True)
+        return token_sum(weight, touched[1].view_as(row_ids), self.read(touched[0])), touched
 
     def read(self, rows: torch.Tensor) -> torch.Tensor:
         """Current values of unique `rows`: [len(rows), d_v]; copies untouched rows in first."""
@@ -512,9 +519,8 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
             addr = pkm_address(qc, k_in, topk=top_k, score=score, eps=eps)
             idx = addr.idx.reshape(B, C, H, top_k)
             rows_at = idx if streams == 1 else idx + offsets                  # row ids in the store
-            touched = torch.unique(rows_at.reshape(-1), return_inverse=True)  # one sort for read and write
-            cols = touched[1].view(B * C, H, top_k)
-            v_hat = token_sum(addr.weight.reshape(B * C, H, top_k), cols, table.read(touched[0])).view(B, C, -1)
+            v_hat, touched = table.weighted_read(rows_at.reshape(B * C, H, top_k), addr.weight.reshape(B * C, H, top_k))
+            v_hat = v_hat.view(B, C, -1)
             if not addr_loss:  # ablation: no addressing loss, the memorization MSE moves the keys as well
                 m = max(int(has.sum()) * B, 1)
                 key_loss = 0.5 * (B * C / m) * ((gate * has)[..., None] * (v_hat - target).square()).sum()
@@ -607,9 +613,8 @@ def _scan_group(q, v, g, keys, values, exchange: TokenExchange, *, private: bool
         idx_all = exchange.gather_tokens(idx, "read")                    # [M*B, C, H, k]
         weight_all = exchange.gather_tokens(weight, "read")
         rows_at = idx_all + offsets if private else idx_all
-        touched = torch.unique(rows_at.reshape(-1), return_inverse=True)
-        cols = touched[1].view(group_size * C, H, top_k)
-        v_cols = token_sum(weight_all.reshape(-1, H, top_k), cols, table.read(touched[0])).view(group_size, C, -1)
+        v_cols, touched = table.weighted_read(rows_at.reshape(-1, H, top_k), weight_all.reshape(-1, H, top_k))
+        v_cols = v_cols.view(group_size, C, -1)
         v_hat = exchange.columns_to_tokens(v_cols, "read")               # [B, C, d]
         gate_all = exchange.gather_tokens(g_c, "write")
         target_cols = exchange.tokens_to_columns(target, "write")
