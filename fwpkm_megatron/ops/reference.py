@@ -23,34 +23,35 @@ ENTROPY_EPS = 1e-8  # inside log() of the addressing entropy, as in the method n
 
 
 class Address(NamedTuple):
-    """Result of a product-key lookup for M query rows."""
+    """Result of a product-key lookup for M query rows (codebook c = 0, 1 first in the per-codebook fields)."""
 
-    idx: torch.Tensor      # [M, H, k] int64 slot ids (i * R + j)
-    weight: torch.Tensor   # [M, H, k] read weights (softmax jointly over H*k, or per head)
-    sub_scores: tuple[torch.Tensor, torch.Tensor]  # 2 x [M, H, R] scores of each codebook
-    sub_topk: tuple[torch.Tensor, torch.Tensor]    # 2 x [M, H, k] top-k sub-key ids of each codebook
+    idx: torch.Tensor         # [M, H, k] int64 slot ids (i * R + j)
+    weight: torch.Tensor      # [M, H, k] read weights (softmax jointly over H*k, or per head)
+    sub_scores: torch.Tensor  # [2, M, H, R] scores of each codebook
+    sub_topk: torch.Tensor    # [2, M, H, k] top-k sub-key ids of each codebook
 
 
-def subkey_scores(q: torch.Tensor, keys: torch.Tensor, *, score: str = "idw", eps: float = 1e-3):
-    """Scores of each query half against its codebook (method Eq. 11 / App. A.2).
-
-    q [M, H, d_k], keys [H, 2, R, d_k/2] -> (s1, s2), each [M, H, R]. Leading dims S... on both
-    (q [S, M, H, d_k], keys [S, H, 2, R, d_k/2]) score independent streams, each with its own keys.
-    idw: -log(eps + ||q_m - K_m,i||^2); dot: q_m . K_m,i.
-    """
+def _codebook_operands(q: torch.Tensor, keys: torch.Tensor):
+    """q [..., M, H, d_k], keys [..., H, 2, R, d_k/2] -> both codebooks as one batched matmul's operands:
+    query halves [2, ..., H, M, d_k/2] and sub-keys [2, ..., H, R, d_k/2] (views)."""
     half = keys.shape[-1]
-    out = []
-    for m in range(2):
-        qm = q[..., m * half:(m + 1) * half]                      # [..., M, H, d_k/2]
-        km = keys.select(-3, m)                                   # [..., H, R, d_k/2]
-        dot = torch.einsum("...mhd,...hrd->...mhr", qm, km)
-        if score == "dot":
-            out.append(dot)
-            continue
-        # ||q - K||^2 expanded; clamp guards tiny negative round-off (a smooth form, unlike cdist at 0)
-        dist2 = (qm.square().sum(-1, keepdim=True) - 2 * dot + km.square().sum(-1).unsqueeze(-3)).clamp_min(0)
-        out.append(-torch.log(eps + dist2))
-    return out[0], out[1]
+    return q.unflatten(-1, (2, half)).movedim(-2, 0).transpose(-3, -2), keys.movedim(-3, 0)
+
+
+def subkey_scores(q: torch.Tensor, keys: torch.Tensor, *, score: str = "idw", eps: float = 1e-3) -> torch.Tensor:
+    """Scores of each query half against its codebook (method Eq. 11 / App. A.2), both codebooks at once.
+
+    q [M, H, d_k], keys [H, 2, R, d_k/2] -> [2, M, H, R] (codebook c scores q[..., c*d_k/2:(c+1)*d_k/2]).
+    Leading dims S... on both (q [S, M, H, d_k], keys [S, H, 2, R, d_k/2]) score independent streams, each
+    with its own keys: [2, S, M, H, R]. idw: -log(eps + ||q_c - K_c,i||^2); dot: q_c . K_c,i.
+    """
+    qc, kc = _codebook_operands(q, keys)
+    if score == "dot":
+        return torch.matmul(qc, kc.transpose(-1, -2)).transpose(-3, -2)
+    # ||q - K||^2 expanded (one batched matmul); clamp guards tiny negative round-off (smooth, unlike cdist at 0)
+    norms = qc.square().sum(-1, keepdim=True) + kc.square().sum(-1).unsqueeze(-2)     # [2, ..., H, M, R]
+    dist2 = norms.add(torch.matmul(qc, kc.transpose(-1, -2)), alpha=-2).clamp_min(0)
+    return torch.log(dist2 + eps).neg().transpose(-3, -2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,18 +76,17 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
     q [M, H, d_k], keys [H, 2, R, d_k/2]; or per stream, q [S, M, H, d_k] and keys [S, H, 2, R, d_k/2].
     """
     R = keys.shape[-2]
-    s1, s2 = subkey_scores(q, keys, score=score, eps=eps)
-    v1, i1 = s1.topk(topk, dim=-1)                                # [M, H, k], each sorted descending
-    v2, i2 = s2.topk(topk, dim=-1)
+    scores = subkey_scores(q, keys, score=score, eps=eps)           # [2, ..., M, H, R]
+    top_scores, tops = scores.topk(topk, dim=-1)                  # [2, ..., M, H, k], each sorted descending
     a, b = candidate_pairs(topk, q.device)
-    cand = v1[..., a] + v2[..., b]                                # [M, H, P]: the pairs that can make the top-k
-    best, pos = cand.topk(topk, dim=-1)                           # [M, H, k]
-    idx = i1.gather(-1, a[pos]) * R + i2.gather(-1, b[pos])
+    cand = top_scores[0][..., a] + top_scores[1][..., b]          # [..., M, H, P]: the pairs that can make the top-k
+    best, pos = cand.topk(topk, dim=-1)                           # [..., M, H, k]
+    idx = tops[0].gather(-1, a[pos]) * R + tops[1].gather(-1, b[pos])
     if joint_softmax:
         weight = best.flatten(-2).softmax(-1).view_as(best)
     else:
         weight = best.softmax(-1)
-    return Address(idx, weight, (s1, s2), (i1, i2))
+    return Address(idx, weight, scores, tops)
 
 
 # --- k rows per token and head: a sparse [M, U] matrix A with A[r, cols[r, h, j]] += a[r, h, j] ------------
@@ -195,14 +195,12 @@ def addressing_loss(address: Address) -> torch.Tensor:
 
     Each row's sub-scores outside its codebook top-k are masked, softmaxed over R, and averaged over
     all M*H rows of the chunk (every token, including those without a target). An address of S
-    streams ([S, M, H, R] scores) gives each stream's loss, [S].
+    streams ([2, S, M, H, R] scores) gives each stream's loss, [S].
     """
-    loss = 0.0
-    for s, top in zip(address.sub_scores, address.sub_topk):
-        masked = torch.full_like(s, float("-inf")).scatter(-1, top, s.gather(-1, top))
-        p_bar = masked.softmax(-1).flatten(-3, -2).mean(-2)       # [..., R]
-        loss = loss + (p_bar * torch.log(p_bar + ENTROPY_EPS)).sum(-1)  # = -H(p_bar)
-    return loss
+    scores, tops = address.sub_scores, address.sub_topk
+    masked = torch.full_like(scores, float("-inf")).scatter(-1, tops, scores.gather(-1, tops))
+    p_bar = masked.softmax(-1).flatten(-3, -2).mean(-2)           # [2, ..., R]
+    return (p_bar * torch.log(p_bar + ENTROPY_EPS)).sum(-1).sum(0)  # = -H(p1_bar) - H(p2_bar)
 
 
 def addressing_key_grad(address: Address, q: torch.Tensor, keys: torch.Tensor, *, weight: float = 1.0,
@@ -214,34 +212,33 @@ def addressing_key_grad(address: Address, q: torch.Tensor, keys: torch.Tensor, *
     probability, so the slope dL/ds is k numbers per row, and ds/dK_i is q - K_i times 2/(eps + ||q - K_i||^2)
     = 2 exp(s) (idw) or q (dot). It is built from differentiable ops, so the backward through a key step is
     ordinary first-order autograd, not a double backward of the loss. q [..., M, H, d_k] and keys
-    [..., H, 2, R, d_k/2] as `pkm_address` took them (leading stream dims: each stream's own loss).
+    [..., H, 2, R, d_k/2] as `pkm_address` took them (leading stream dims: each stream's own loss); both
+    codebooks run as one batch.
     With a memory group's `exchange`, p_bar averages the rows of all M processes (their top-k usage is
     summed over the group) and the keys, replicated over the group, get the sum of every process's
     gradient. Both sums sit in the forward graph, so the second-order path through them stays exact.
     """
-    half, R = keys.shape[-1], keys.shape[-2]
-    tops = address.sub_topk
-    top_scores = [s.gather(-1, top) for s, top in zip(address.sub_scores, tops)]         # [..., M, H, k]
-    probs = [s.softmax(-1) for s in top_scores]
-    usage = torch.stack([p.new_zeros(*p.shape[:-3], R).scatter_add(-1, top.flatten(-3), p.flatten(-3))
-                         for p, top in zip(probs, tops)])                                 # [2, ..., R]
+    R = keys.shape[-2]
+    tops = address.sub_topk                                                          # [2, ..., M, H, k]
+    top_scores = address.sub_scores.gather(-1, tops)
+    probs = top_scores.softmax(-1)
+    flat_tops = tops.flatten(-3)
+    usage = probs.new_zeros(*probs.shape[:-3], R).scatter_add(-1, flat_tops, probs.flatten(-3))  # [2, ..., R]
     rows = q.shape[-3] * q.shape[-2]
     if exchange is not None:
         usage = exchange.sum(usage, "keys")
         rows *= exchange.size
     p_bar = usage / rows
     slope = weight * (torch.log(p_bar + ENTROPY_EPS) + p_bar / (p_bar + ENTROPY_EPS)) / rows  # dL/dp, [2, ..., R]
-    grads = []
-    for m, (s, top, top_s, p) in enumerate(zip(address.sub_scores, tops, top_scores, probs)):
-        a = slope[m].gather(-1, top.flatten(-3)).view_as(top)
-        ds = p * (a - (p * a).sum(-1, keepdim=True))                                      # dL/ds at the top-k
-        coef = 2 * ds * top_s.exp() if score == "idw" else ds
-        dense = torch.zeros_like(s).scatter(-1, top, coef)                                # [..., M, H, R]
-        grad = torch.einsum("...mhr,...mhd->...hrd", dense, q[..., m * half:(m + 1) * half])
-        if score == "idw":
-            grad = grad - dense.sum(-3).unsqueeze(-1) * keys.select(-3, m)
-        grads.append(grad)
-    grad = torch.stack(grads, -3)
+    a = slope.gather(-1, flat_tops).view_as(tops)
+    ds = probs * (a - (probs * a).sum(-1, keepdim=True))                             # dL/ds at the top-k
+    coef = 2 * ds * top_scores.exp() if score == "idw" else ds
+    dense = torch.zeros_like(address.sub_scores).scatter(-1, tops, coef).transpose(-3, -2)  # [2, ..., H, M, R]
+    qc, kc = _codebook_operands(q, keys)
+    grad = torch.matmul(dense.transpose(-1, -2), qc)                                 # [2, ..., H, R, d_k/2]
+    if score == "idw":
+        grad = grad - dense.sum(-2).unsqueeze(-1) * kc
+    grad = grad.movedim(0, -3)                                                       # [..., H, 2, R, d_k/2]
     return grad if exchange is None else exchange.sum(grad, "keys")
 
 

@@ -425,7 +425,7 @@ def addressing_loss_topk(q, keys, tops, *, score: str = "idw", eps: float = 1e-3
     """The marginal-entropy addressing loss from the per-codebook top-k only, in torch (differentiable twice).
 
     Equals `reference.addressing_loss(reference.pkm_address(q, keys, ...))`. q [M, H, d_k],
-    keys [H, 2, R, d_k/2], tops [2, M, H, k] (from `address_fwd`, or `Address.sub_topk` stacked).
+    keys [H, 2, R, d_k/2], tops [2, M, H, k] (from `address_fwd`, or `Address.sub_topk`).
     The scan does not use it (it runs `addressing_key_grad` / `addressing_key_hvp`); it is the readable
     definition the kernels are tested against.
     """
@@ -521,7 +521,7 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
         score: "idw" (-log(eps + ||q - K||^2)) or "dot".
         joint_softmax: softmax over all H*k entries of a token (FwPKM), else within each head (static PKM).
     Returns:
-        Address(idx [M, H, k] int64, weight [M, H, k], sub_scores=None, sub_topk=(top1, top2) [M, H, k]).
+        Address(idx [M, H, k] int64, weight [M, H, k], sub_scores=None, sub_topk [2, M, H, k]).
         Only `weight` is differentiable (to q and keys). `sub_scores` is not materialised; the addressing
         loss is computed from the top-k (`addressing_loss_topk`, `addressing_key_grad`).
     Raises:
@@ -530,7 +530,7 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
     if score not in ("idw", "dot"):
         raise ValueError(f"pkm_address: score={score!r} must be 'idw' or 'dot'")
     idx, weight, tops, _ = PKMAddressFunction.apply(q, keys, topk, score, eps, joint_softmax)
-    return Address(idx, weight, None, (tops[0], tops[1]))
+    return Address(idx, weight, None, tops)
 
 
 __all__ = ["DOT_PRECISION", "PKMAddressFunction", "address_bwd", "address_fwd", "addressing_key_grad",
