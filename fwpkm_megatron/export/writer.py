@@ -9,6 +9,7 @@
         configuration_fwpkm.py, modeling_fwpkm.py, fwpkm_integrity.py,
         fwpkm_attention.py, fwpkm_gdn.py, fwpkm_memory.py               (copied from export/hf/)
         fwpkm_reference.py     byte-identical copy of fwpkm_megatron/ops/reference.py
+        row_products.py        byte-identical copy of fwpkm_megatron/ops/row_products.py (reference.py imports it)
         fwpkm_training.json    run config, step, tokens seen, data manifest sha256, source checkpoint
         README.md              the same, for people
         fwpkm_index.json       size + sha256 of every file above; written last
@@ -36,8 +37,9 @@ from fwpkm_megatron.export.runtime import DTYPES, ensure_transformers_importable
 HF_DIR = Path(__file__).parent / "hf"
 HF_CODE_FILES = ("configuration_fwpkm.py", "modeling_fwpkm.py", "fwpkm_integrity.py", "fwpkm_attention.py",
                  "fwpkm_gdn.py", "fwpkm_memory.py")
-REFERENCE_SOURCE = Path(__file__).parents[1] / "ops" / "reference.py"
-REFERENCE_NAME = "fwpkm_reference.py"
+OPS_DIR = Path(__file__).parents[1] / "ops"
+# the one definition of the memory math, shipped byte-identical: source in ops/ -> name in the export
+REFERENCE_FILES = {OPS_DIR / "reference.py": "fwpkm_reference.py", OPS_DIR / "row_products.py": "row_products.py"}
 AUTO_MAP = {"AutoConfig": "configuration_fwpkm.FwPKMConfig",
             "AutoModelForCausalLM": "modeling_fwpkm.FwPKMForCausalLM"}
 
@@ -195,7 +197,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
 
         for name in HF_CODE_FILES:
             shutil.copyfile(HF_DIR / name, tmp / name)
-        shutil.copyfile(REFERENCE_SOURCE, tmp / REFERENCE_NAME)
+        for source, name in REFERENCE_FILES.items():
+            shutil.copyfile(source, tmp / name)
 
         info = {**meta, "dtype": dtype, "policy": policy, "run_config": config_dict,
                 "data_manifest_sha256": (data_manifest or {}).get("_sha256"),

@@ -7,7 +7,7 @@ What this proves:
   evolves identically and equals megatron's buffers after every call) and under per_sequence;
 - feeding tokens one at a time through the cache (and `generate`) gives the same logits and memory state
   as one chunked call, with the training cadence and with the lookahead carried across chunks (method 3.9);
-- the shipped `fwpkm_reference.py` is byte-identical to `ops/reference.py`;
+- the shipped `fwpkm_reference.py` and `row_products.py` are byte-identical to `ops/reference.py` and `ops/row_products.py`;
 - a corrupt or truncated file is reported by name before anything loads;
 - megatron -> export -> megatron names round-trip exactly (the basis of resharding).
 
@@ -168,11 +168,12 @@ def test_generate_continues_the_chunked_memory(exported):
 
 
 def test_reference_math_is_shipped_byte_identical(exported):
-    from fwpkm_megatron.export.writer import HF_CODE_FILES, REFERENCE_NAME, REFERENCE_SOURCE
+    from fwpkm_megatron.export.writer import HF_CODE_FILES, REFERENCE_FILES
 
     _, _, out = exported
-    assert (out / REFERENCE_NAME).read_bytes() == REFERENCE_SOURCE.read_bytes()
-    for name in (*HF_CODE_FILES, REFERENCE_NAME):
+    for source, name in REFERENCE_FILES.items():
+        assert (out / name).read_bytes() == source.read_bytes(), name
+    for name in (*HF_CODE_FILES, *REFERENCE_FILES.values()):
         tree = ast.parse((out / name).read_text())
         imported = {n.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for n in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)

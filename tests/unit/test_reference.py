@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fwpkm_megatron import ops
-from fwpkm_megatron.ops import reference
+from fwpkm_megatron.ops import reference, row_products
 from fwpkm_megatron.ops.testing import random_scan_inputs
 
 
@@ -240,7 +240,7 @@ def test_read_and_write_products_match_their_definition_to_second_order(csr, mon
     """`token_sum` (the read) and `row_sum` (the write), as CSR products on CPU or as gathers, equal the
     plain indexing definitions, a slot read by two heads of one token included, in value, first-
     and second-order gradients (each backward is built from the other products)."""
-    monkeypatch.setattr(reference, "CSR_ON_CPU", csr)
+    monkeypatch.setattr(row_products, "CSR_ON_CPU", csr)
     gen = torch.Generator().manual_seed(5)
     M, H, k, U, d = 7, 2, 3, 6, 3
     cols = torch.stack([torch.randperm(U, generator=gen)[:k] for _ in range(M * H)]).view(M, H, k)
@@ -250,7 +250,7 @@ def test_read_and_write_products_match_their_definition_to_second_order(csr, mon
 
     def loss(read, write):
         return (read * u_read).sum() + (write.sin() * u_write).sum()
-    fast = loss(reference.token_sum(a, cols, X), reference.row_sum(a, cols, Y, U))
+    fast = loss(row_products.token_sum(a, cols, X), row_products.row_sum(a, cols, Y, U))
     plain = loss((a[..., None] * X[cols]).sum((1, 2)),
                  torch.zeros(U, d).index_add(0, cols.reshape(-1), (a[..., None] * Y[:, None, None, :]).reshape(-1, d)))
     torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)

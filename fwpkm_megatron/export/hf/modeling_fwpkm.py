@@ -42,8 +42,9 @@ from .fwpkm_gdn import GatedDeltaNet
 from .fwpkm_integrity import verify_index
 from .fwpkm_memory import FastWeightState, FwPKMBranch, FwPKMMemory, PKMMLP, ZeroCenteredRMSNorm
 # transformers 4.57 copies into its module cache only the sibling files this file imports, not theirs:
-# fwpkm_memory.py's math module is named here for that reason alone
+# fwpkm_memory.py's math modules are named here for that reason alone
 from .fwpkm_reference import fwpkm_scan_rows  # noqa: F401
+from .row_products import token_sum  # noqa: F401
 
 check_transformers_version()
 # transformers 5 renamed the cache field/argument `past_key_values` to `cache`; forward accepts both
