@@ -368,6 +368,20 @@ def targets_in_chunk(vc: torch.Tensor, lookahead: int):
     return target, has
 
 
+def scan_targets(v: torch.Tensor, chunk_size: int, lookahead: int):
+    """`targets_in_chunk` of every chunk of v [B, T, d_v] in one pass, as per-chunk lists (target, has).
+
+    A token without a target (the last `lookahead` of its chunk) holds some row of v instead of zeros:
+    every use masks it by `has` (weight 0 in the write and in the diagnostics).
+    """
+    T = v.shape[1]
+    pos = torch.arange(T, device=v.device)
+    src = pos + lookahead
+    has = src < ((pos // chunk_size + 1) * chunk_size).clamp_max(T)
+    target = v.index_select(1, src.clamp_max(T - 1))
+    return target.split(chunk_size, 1), has.split(chunk_size)
+
+
 class ScanDiagnostics:
     """Running sums of `ScanResult.diagnostics` over a scan's chunks (both backends use it)."""
 
@@ -417,10 +431,10 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
     table = RowStore(values, streams, written=written)
     outs, idxs = [], []
     diag = ScanDiagnostics(q.device) if diagnostics else None
-    for q_c, v_c, gate in zip(q.split(chunk_size, 1), v.split(chunk_size, 1), g.split(chunk_size, 1)):
+    chunks = zip(q.split(chunk_size, 1), g.split(chunk_size, 1), *scan_targets(v, chunk_size, lookahead))
+    for q_c, gate, target, has in chunks:
         C = q_c.shape[1]
         qc = q_c.reshape(B * C, H, -1) if streams == 1 else q_c              # [B*C | B, C, H, d_k]
-        target, has = targets_in_chunk(v_c, lookahead)
         with torch.enable_grad():  # the ablation's key step needs autograd even in eval (then first-order only)
             k_in = keys if addr_loss or (differentiable and keys.requires_grad) else keys.detach().requires_grad_()
             addr = pkm_address(qc, k_in, topk=top_k, score=score, eps=eps)
@@ -505,10 +519,10 @@ def _scan_group(q, v, g, keys, values, exchange: TokenExchange, *, private: bool
         written = ((offsets.view(-1, 1) + written[0]).reshape(-1), written[1].repeat(group_size, 1))
     table = RowStore(values, group_size if private else 1, written=written)
     outs, idxs, group_idxs = [], [], []
-    for q_c, v_c, g_c in zip(q.split(chunk_size, 1), v.split(chunk_size, 1), g.split(chunk_size, 1)):
+    chunks = zip(q.split(chunk_size, 1), g.split(chunk_size, 1), *scan_targets(v, chunk_size, lookahead))
+    for q_c, g_c, target, has in chunks:
         C = q_c.shape[1]
         qc = q_c.reshape(B * C, H, -1)
-        target, has = targets_in_chunk(v_c, lookahead)
         addr = pkm_address(qc, keys, topk=top_k, score=score, eps=eps)
         with torch.set_grad_enabled(differentiable and not detach_writes):
             key_grad = addressing_key_grad(addr, qc, keys, weight=addr_loss_weight, score=score,

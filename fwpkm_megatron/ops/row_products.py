@@ -59,7 +59,7 @@ class _RowSum(torch.autograd.Function):
     def forward(ctx, a, cols, Y, num_rows):
         ctx.save_for_backward(a, cols, Y)
         M, H, k = a.shape
-        outer = torch.bmm(a.view(M, H * k, 1), Y.view(M, 1, -1)).view(M * H * k, -1)
+        outer = (a.view(M, H * k, 1) * Y.view(M, 1, -1)).view(M * H * k, -1)  # broadcast: faster than a 1-wide bmm
         return Y.new_zeros(num_rows, Y.shape[1]).index_add(0, cols.reshape(-1), outer)
 
     @staticmethod
