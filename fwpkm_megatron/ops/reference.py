@@ -237,30 +237,18 @@ class RowStore:
     back and applied, with those copies, by the next read (`_StoreStep`), so autograd sees a chain of
     in-place links whose backward costs O(rows read + written) per chunk, not O(rows touched).
     The store doubles when full (a `cat`, O(U) once per doubling), so it stays O(rows touched).
-    With `dense` the store is a copy of the whole base (S copies with streams) and row r lives at r: one
-    O(N) copy per scan instead of the bookkeeping per chunk, for tables the scan's reads could cover anyway
-    (`dense_store`). The same values as `RowOverlay`, forward and backward; `state()` lists the rows written.
+    The same values as `RowOverlay`, forward and backward; `state()` lists the rows written.
     """
 
     def __init__(self, base: torch.Tensor, streams: int = 1,
-                 written: tuple[torch.Tensor, torch.Tensor] | None = None, *, dense: bool = False):
+                 written: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.base = base
         self.num_slots, self.streams = base.shape[0], streams
-        self.dense = dense
-        if dense:  # every row in place from the start (slot r = r): no placing, no copies of untouched rows
-            self.store = base.clone() if streams == 1 else base.repeat(streams, 1)
-            if written is not None and written[0].numel():
-                self.store = self.store.index_copy(0, written[0], written[1].to(self.store.dtype))
-            self.written = torch.zeros(self.store.shape[0], dtype=torch.bool, device=base.device)
-            if written is not None:
-                self.written[written[0]] = True
-            self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-            return
         self.store = base.new_zeros(1, base.shape[1])
         self.written = torch.zeros(1, dtype=torch.bool, device=base.device)   # per store position
         self.slot = torch.full((self.num_slots * streams,), -1, dtype=torch.long, device=base.device)
         self.used = 0
-        self.pending = []                                                     # (positions, rows to add)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []            # (positions, rows to add)
         if written is not None and written[0].numel():
             pos = self._place(written[0])[0]
             self.pending.append((pos, written[1].to(self.store.dtype)))
@@ -273,8 +261,6 @@ class RowStore:
     def _place(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(store positions of unique `rows`, mask of the untouched ones or None if there are none); the
         untouched rows get new positions, whose content the caller makes pending."""
-        if self.dense:
-            return rows, None
         pos = self.slot[rows]
         new = pos < 0
         count = int(new.sum())
@@ -325,19 +311,9 @@ class RowStore:
 
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [U] sorted unique, their values [U, d_v]) of the rows written so far."""
-        if self.dense:
-            rows = self.written.nonzero().view(-1)
-            return rows, self._step(rows)
         rows = (self.slot >= 0).nonzero().view(-1)
         rows = rows[self.written[self.slot[rows]]]
         return rows, self._step(self.slot[rows])
-
-
-def dense_store(num_rows: int, reads: int) -> bool:
-    """A scan's `RowStore` holds the whole table when its reads (tokens x H x k) could touch every row:
-    the O(N) copy then costs no more than the reads, and saves the per-chunk placing of untouched rows.
-    Larger tables keep the O(rows touched) store, so the scan's cost still does not grow with N."""
-    return num_rows <= reads
 
 
 def value_write(idx, weight, v_hat, target, gate, has_target, *, value_lr: float = 1.0, unique=None):
@@ -452,8 +428,7 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
     if written is not None and streams > 1:
         rows, row_values = written
         written = ((offsets.view(B, 1) + rows).reshape(-1), row_values.repeat(streams, 1))
-    table = RowStore(values, streams, written=written,
-                     dense=dense_store(values.shape[0] * streams, q[..., 0].numel() * top_k))
+    table = RowStore(values, streams, written=written)
     outs, idxs = [], []
     diag = ScanDiagnostics(q.device) if diagnostics else None
     chunks = zip(q.split(chunk_size, 1), g.split(chunk_size, 1), *scan_targets(v, chunk_size, lookahead))
@@ -542,9 +517,7 @@ def _scan_group(q, v, g, keys, values, exchange: TokenExchange, *, private: bool
     offsets = (torch.arange(group_size, device=q.device) * values.shape[0]).view(-1, 1, 1, 1)
     if written is not None and private:
         written = ((offsets.view(-1, 1) + written[0]).reshape(-1), written[1].repeat(group_size, 1))
-    streams = group_size if private else 1
-    table = RowStore(values, streams, written=written,
-                     dense=dense_store(values.shape[0] * streams, q[..., 0].numel() * exchange.size * top_k))
+    table = RowStore(values, group_size if private else 1, written=written)
     outs, idxs, group_idxs = [], [], []
     chunks = zip(q.split(chunk_size, 1), g.split(chunk_size, 1), *scan_targets(v, chunk_size, lookahead))
     for q_c, g_c, target, has in chunks:

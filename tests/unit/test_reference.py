@@ -97,9 +97,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-@pytest.mark.parametrize("dense", [False, True], ids=["placed-store", "dense-store"])
-def test_reference_scan_matches_naive_token_loop(case, dense, monkeypatch):
-    monkeypatch.setattr(reference, "dense_store", lambda rows, reads: dense)  # both RowStore forms
+def test_reference_scan_matches_naive_token_loop(case):
     case = dict(case)
     shape = {k: case.pop(k) for k in ("B", "T", "H", "R")}
     q, v, g, keys, values = make_inputs(**shape)
@@ -110,10 +108,8 @@ def test_reference_scan_matches_naive_token_loop(case, dense, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["placed-store", "dense-store"])
-def test_reference_scan_gradcheck_through_writes(dense, monkeypatch):
+def test_reference_scan_gradcheck_through_writes():
     """Finite differences agree with autograd through three chunked writes, for every input."""
-    monkeypatch.setattr(reference, "dense_store", lambda rows, reads: dense)
     inputs = make_inputs(B=2, T=7, H=1, R=3, d_k=4, d_v=3, requires_grad=True)
 
     def f(*ins):
