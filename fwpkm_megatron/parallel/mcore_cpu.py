@@ -29,9 +29,9 @@ Patches, each with the failure it removes:
    `weight.data.cuda()` before all-reducing the embedding over the embedding group; the wrapper makes
    `Tensor.cuda` the identity for the duration of that call only.
 4. megatron's optimizers check `param.type()` against `'torch.cuda.FloatTensor'` (and the bf16/half names)
-   while grouping parameters and before clipping; `_cuda_type_names_during` makes `Tensor.type()` report
-   the CUDA name of a CPU tensor for the duration of those calls only (`Float16OptimizerWithFloat16Params`
-   and `DistributedOptimizer` construction, `clip_grad_by_total_norm_fp32`).
+   while grouping parameters and before clipping; `_patched_during(..., "type", _cuda_type_names)` makes
+   `Tensor.type()` report the CUDA name of a CPU tensor for the duration of those calls only
+   (`Float16OptimizerWithFloat16Params` and `DistributedOptimizer` construction, `clip_grad_by_total_norm_fp32`).
    megatron's DDP, `finalize_model_grads`, clipping and optimizers are in `_MODULES` for their scalars and
    buffers on `current_device()` / `device="cuda"`.
 
@@ -186,14 +186,14 @@ def apply() -> None:
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
     from megatron.core.models.common.language_module.language_module import LanguageModule
-    LanguageModule.setup_embeddings_and_output_layer = _cuda_is_identity_during(
-        LanguageModule.setup_embeddings_and_output_layer)
+    LanguageModule.setup_embeddings_and_output_layer = _patched_during(
+        LanguageModule.setup_embeddings_and_output_layer, "cuda", _cuda_is_identity)
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
-    optimizer.Float16OptimizerWithFloat16Params.__init__ = _cuda_type_names_during(
-        optimizer.Float16OptimizerWithFloat16Params.__init__)
-    distrib_optimizer.DistributedOptimizer.__init__ = _cuda_type_names_during(
-        distrib_optimizer.DistributedOptimizer.__init__)
-    clip = _cuda_type_names_during(clip_grads.clip_grad_by_total_norm_fp32)
+    optimizer.Float16OptimizerWithFloat16Params.__init__ = _patched_during(
+        optimizer.Float16OptimizerWithFloat16Params.__init__, "type", _cuda_type_names)
+    distrib_optimizer.DistributedOptimizer.__init__ = _patched_during(
+        distrib_optimizer.DistributedOptimizer.__init__, "type", _cuda_type_names)
+    clip = _patched_during(clip_grads.clip_grad_by_total_norm_fp32, "type", _cuda_type_names)
     for module in (clip_grads, optimizer, distrib_optimizer):
         if hasattr(module, "clip_grad_by_total_norm_fp32"):
             module.clip_grad_by_total_norm_fp32 = clip
@@ -220,35 +220,29 @@ def _gdn_torch_paths() -> None:
     gdn.GatedDeltaNet._apply_gated_norm = getattr(norm, "_torchdynamo_orig_callable", norm)
 
 
-def _cuda_type_names_during(fn):
-    """Wrap `fn` so that `Tensor.type()` names CPU tensors as CUDA ones while it runs (CPU only)."""
+def _patched_during(fn, method: str, replacement):
+    """Wrap `fn` so that `torch.Tensor.<method>` is `replacement(original)` while it runs (CPU only)."""
     def wrapped(*args, **kwargs):
-        original = torch.Tensor.type
-
-        def type_(self, dtype=None, non_blocking=False, **kw):
-            name = original(self, dtype, non_blocking, **kw)
-            if dtype is None and not kw and isinstance(name, str) and name.startswith("torch.") \
-                    and ".cuda." not in name:
-                return name.replace("torch.", "torch.cuda.", 1)
-            return name
-
-        torch.Tensor.type = type_
+        original = getattr(torch.Tensor, method)
+        setattr(torch.Tensor, method, replacement(original))
         try:
             return fn(*args, **kwargs)
         finally:
-            torch.Tensor.type = original
+            setattr(torch.Tensor, method, original)
     wrapped.__wrapped__ = fn
     return wrapped
 
 
-def _cuda_is_identity_during(method):
-    """Wrap `method` so that `Tensor.cuda()` returns the tensor itself while it runs (CPU only)."""
-    def wrapped(*args, **kwargs):
-        original = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *a, **k: self
-        try:
-            return method(*args, **kwargs)
-        finally:
-            torch.Tensor.cuda = original
-    wrapped.__wrapped__ = method
-    return wrapped
+def _cuda_type_names(original):
+    """`Tensor.type()` naming CPU tensors as CUDA ones (megatron's optimizers group params by that name)."""
+    def type_(self, dtype=None, non_blocking=False, **kw):
+        name = original(self, dtype, non_blocking, **kw)
+        if dtype is None and not kw and isinstance(name, str) and name.startswith("torch.") and ".cuda." not in name:
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+    return type_
+
+
+def _cuda_is_identity(original):
+    """`Tensor.cuda()` returning the tensor itself."""
+    return lambda self, *args, **kwargs: self
