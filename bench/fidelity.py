@@ -5,8 +5,8 @@
     .venv/bin/python bench/fidelity.py --variants fwpkm noaddr                   # a subset (rows resume)
 
 Findings (docs/results.md reports them; method notes 5.2, 5.7):
-  (a) recall beyond the attention window: no memory / static PKM / FwPKM / PKM + FwPKM, and a GDN + SWA
-      hybrid without and with FwPKM, trained alike on
+  (a) recall beyond the attention window: no memory / static PKM / FwPKM / PKM + FwPKM, FwPKM one layer
+      deeper (before layer 1), and a GDN + SWA hybrid without and with FwPKM, trained alike on
       `fwpkm-prep recall` documents, scored on held-out documents (their own seed) by the loss and top-1
       accuracy of the queried value tokens;
   (b) test-time memorisation: the FwPKM model of (a) read per_sequence vs persistent vs frozen;
@@ -61,6 +61,8 @@ RECALL_VARIANTS = {  # key: (finding, label, overrides)
     "pkm": ("a", "static PKM", ["fwpkm.layers=[]", PKM]),
     "fwpkm": ("a", "FwPKM", [FW, "pkm.layers=[]"]),
     "both": ("a", "PKM + FwPKM", [FW, PKM]),
+    # one layer deeper: the query comes from layer 0's output (the token in its 16-token window), not the embedding
+    "deep": ("a", "FwPKM before layer 1", ["fwpkm.layers=[1]", "pkm.layers=[]"]),
     "gdn": ("a", "GDN + SWA, no memory", [*GDN, "fwpkm.layers=[]", "pkm.layers=[]"]),
     "gdn-fwpkm": ("a", "GDN + SWA, FwPKM", [*GDN, FW, "pkm.layers=[]"]),
     "lahd0": ("d", "FwPKM, lookahead 0", [FW, "pkm.layers=[]", "fwpkm.lookahead=0"]),
