@@ -161,8 +161,11 @@ def test_fwpkm_block_on_triton_matches_reference(device, assert_close):
     for step in range(2):
         (ref_out, ref_g), (tri_out, tri_g) = (_layer_grads(blocks[b], x) for b in ("reference", "triton"))
         assert_close(f"out{step}", ref_out, tri_out, RATIO)
+        # A gradient that nearly cancels (the gate bias's at step 1: 0.078, summed from terms of up to ~10) carries
+        # the round-off of its terms, not of its sum: it is judged against 1 % of the step's largest gradient.
+        floor = 0.01 * max(float(a.abs().max()) for a in ref_g)
         for i, (a, b) in enumerate(zip(ref_g, tri_g)):
-            assert_close(f"grad{step}.{i}", a, b, RATIO)
+            assert_close(f"grad{step}.{i}", a, b, RATIO * max(1.0, floor / max(float(a.abs().max()), 1e-30)))
         for name in ("keys", "values"):
             assert_close(name, getattr(blocks["reference"].state, name), getattr(blocks["triton"].state, name), RATIO)
 
