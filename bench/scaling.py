@@ -21,7 +21,7 @@ ratios also move with the process (where its tensors land), so the step runs in 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import statistics
@@ -40,17 +40,26 @@ B, H, D_K, D_V, CHUNK, TOP_K = 2, 2, 32, 64, 64, 8
 
 
 def reference_at(rev: str):
-    """`ops/reference.py` as of git revision `rev`, imported as its own module (for --compare-with)."""
+    """`ops/reference.py` as of git revision `rev` (with the `row_products.py` beside it, once it exists), imported
+    as a package of its own (for --compare-with)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(["git", "show", f"{rev}:fwpkm_megatron/ops/reference.py"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), f"reference_{rev}.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"reference_{rev}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    name = "reference_at_" + "".join(c if c.isalnum() else "_" for c in rev)
+    package = os.path.join(tempfile.mkdtemp(), name)
+    os.makedirs(package)
+    open(os.path.join(package, "__init__.py"), "w").close()
+    for file in ("reference.py", "row_products.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:fwpkm_megatron/ops/{file}"], cwd=root, capture_output=True,
+                               text=True)
+        if shown.returncode == 0:
+            with open(os.path.join(package, file), "w") as f:
+                f.write(shown.stdout)
+        elif file == "reference.py":
+            raise SystemExit(f"--compare-with {rev}: {shown.stderr.strip()}")
+    sys.path.insert(0, os.path.dirname(package))
+    try:
+        return importlib.import_module(f"{name}.reference")
+    finally:
+        sys.path.pop(0)
 
 
 TINY_LAYER = dict(B=8, H=1, D_K=64, D_V=128)  # configs/tiny.yaml's FwPKM layer: 8 x 256 tokens, N = 4,096
