@@ -57,7 +57,7 @@ def _kernels():
 
 def pkm_address(q, keys, *, topk: int, score: str = "idw", eps: float = 1e-3, joint_softmax: bool = True,
                 backend: str = "auto") -> Address:
-    """Product-key top-k lookup (see `reference.pkm_address`). The Triton version leaves sub_scores None."""
+    """Product-key top-k lookup (see `reference.pkm_address`). The Triton version leaves top_scores None."""
     if resolve_backend(backend, q.device) == "triton":
         return _kernels().pkm_address(q, keys, topk=topk, score=score, eps=eps, joint_softmax=joint_softmax)
     return reference.pkm_address(q, keys, topk=topk, score=score, eps=eps, joint_softmax=joint_softmax)

@@ -16,12 +16,17 @@ sparse products in `row_products.py` (shipped with this file in every export).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
 
 from .row_products import row_sum, token_sum
 
+# sub-keys per codebook above which the addressing's graph holds only the picked ones (R > this * k): the
+# top-k scores are recomputed from the k picked sub-keys and the key step sums over the picks; below it the
+# dense [M, H, R] forms (a matmul each) are cheaper (docs/performance.md, "Fourth step")
+GATHER_SCORES_ABOVE = 8
 ENTROPY_EPS = 1e-8  # inside log() of the addressing entropy, as in the method notes (3.5)
 
 
@@ -30,8 +35,9 @@ class Address(NamedTuple):
 
     idx: torch.Tensor         # [M, H, k] int64 slot ids (i * R + j)
     weight: torch.Tensor      # [M, H, k] read weights (softmax jointly over H*k, or per head)
-    sub_scores: torch.Tensor  # [2, M, H, R] scores of each codebook
+    top_scores: torch.Tensor  # [2, M, H, k] scores of each codebook's top-k sub-keys (differentiable)
     sub_topk: torch.Tensor    # [2, M, H, k] top-k sub-key ids of each codebook
+    num_subkeys: int = 0      # R, the sub-keys per codebook
 
 
 def _codebook_operands(q: torch.Tensor, keys: torch.Tensor):
@@ -70,6 +76,31 @@ def candidate_pairs(topk: int, device=None) -> tuple[torch.Tensor, torch.Tensor]
     return a, b
 
 
+def _subkey_rows(tops: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Rows of `keys.reshape(-1, d_k/2)` (keys [..., H, 2, R, d_k/2]) holding the sub-keys tops [2, ..., M, H, k]
+    picks."""
+    R, lead = keys.shape[-2], keys.shape[:-3]                                  # lead = (..., H)
+    heads = torch.arange(math.prod(lead), device=tops.device).view(*lead[:-1], 1, lead[-1], 1) * (2 * R)
+    books = torch.arange(2, device=tops.device).view(2, *([1] * (tops.dim() - 1))) * R
+    return tops + heads + books
+
+
+def topk_scores(q: torch.Tensor, keys: torch.Tensor, tops: torch.Tensor, *, score: str = "idw",
+                eps: float = 1e-3) -> torch.Tensor:
+    """`subkey_scores(q, keys).gather(-1, tops)` computed for the picked sub-keys only: [2, ..., M, H, k].
+
+    The distance is taken directly (||q_c - K||^2, not expanded), so values agree with `subkey_scores` to
+    round-off; the graph holds k sub-keys per row instead of R, so its backward costs O(M H k d_k), not
+    O(M H R d_k) (the addressing's only part that grew with N = R^2 besides the no-grad top-k).
+    """
+    half = keys.shape[-1]
+    picked = keys.reshape(-1, half).index_select(0, _subkey_rows(tops, keys).reshape(-1)).view(*tops.shape, half)
+    qc = q.unflatten(-1, (2, half)).movedim(-2, 0).unsqueeze(-2)               # [2, ..., M, H, 1, d_k/2]
+    if score == "dot":
+        return (qc * picked).sum(-1)
+    return torch.log((qc - picked).square().sum(-1) + eps).neg()
+
+
 def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = "idw", eps: float = 1e-3,
                 joint_softmax: bool = True) -> Address:
     """Product-key top-k lookup (method 2.2 and Eq. 11).
@@ -77,19 +108,26 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
     Top-k sub-keys per codebook, the k*k candidate sums, top-k of those, then softmax (temperature 1)
     jointly over the H*k entries (FwPKM) or within each head (static PKM, `joint_softmax=False`).
     q [M, H, d_k], keys [H, 2, R, d_k/2]; or per stream, q [S, M, H, d_k] and keys [S, H, 2, R, d_k/2].
+    The selection runs without a graph on all R scores; the selected scores are then recomputed
+    differentiably from the k picked sub-keys (`topk_scores`): a top-k's gradient reaches only those.
     """
     R = keys.shape[-2]
-    scores = subkey_scores(q, keys, score=score, eps=eps)           # [2, ..., M, H, R]
-    top_scores, tops = scores.topk(topk, dim=-1)                  # [2, ..., M, H, k], each sorted descending
-    a, b = candidate_pairs(topk, q.device)
-    cand = top_scores[0][..., a] + top_scores[1][..., b]          # [..., M, H, P]: the pairs that can make the top-k
-    best, pos = cand.topk(topk, dim=-1)                           # [..., M, H, k]
-    idx = tops[0].gather(-1, a[pos]) * R + tops[1].gather(-1, b[pos])
+    gathered = R > GATHER_SCORES_ABOVE * topk
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not gathered):
+        sorted_scores, tops = subkey_scores(q, keys, score=score, eps=eps).topk(topk, dim=-1)  # [2, ..., M, H, k]
+    with torch.no_grad():
+        a, b = candidate_pairs(topk, q.device)
+        cand = sorted_scores[0][..., a] + sorted_scores[1][..., b]    # [..., M, H, P]: pairs that can make the top-k
+        pos = cand.topk(topk, dim=-1).indices                         # [..., M, H, k]
+        rank1, rank2 = a[pos], b[pos]
+    idx = tops[0].gather(-1, rank1) * R + tops[1].gather(-1, rank2)
+    top_scores = topk_scores(q, keys, tops, score=score, eps=eps) if gathered else sorted_scores
+    best = top_scores[0].gather(-1, rank1) + top_scores[1].gather(-1, rank2)
     if joint_softmax:
         weight = best.flatten(-2).softmax(-1).view_as(best)
     else:
         weight = best.softmax(-1)
-    return Address(idx, weight, scores, tops)
+    return Address(idx, weight, top_scores, tops, R)
 
 
 def pkm_read(values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -103,13 +141,15 @@ def pkm_read(values: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> t
 def addressing_loss(address: Address) -> torch.Tensor:
     """Marginal-entropy addressing loss (method Eqs. 16-18): -H(p1_bar) - H(p2_bar).
 
-    Each row's sub-scores outside its codebook top-k are masked, softmaxed over R, and averaged over
-    all M*H rows of the chunk (every token, including those without a target). An address of S
-    streams ([2, S, M, H, R] scores) gives each stream's loss, [S].
+    Each row's sub-scores outside its codebook top-k are masked and the rest softmaxed over R, i.e. a
+    softmax over its k top-k scores placed at their sub-keys; p_bar averages these over all M*H rows of
+    the chunk (every token, including those without a target). An address of S streams ([2, S, M, H, k]
+    top-k scores) gives each stream's loss, [S].
     """
-    scores, tops = address.sub_scores, address.sub_topk
-    masked = torch.full_like(scores, float("-inf")).scatter(-1, tops, scores.gather(-1, tops))
-    p_bar = masked.softmax(-1).flatten(-3, -2).mean(-2)           # [2, ..., R]
+    probs, tops = address.top_scores.softmax(-1), address.sub_topk
+    usage = probs.new_zeros(*probs.shape[:-3], address.num_subkeys)
+    usage = usage.scatter_add(-1, tops.flatten(-3), probs.flatten(-3))       # [2, ..., R]: summed over the rows
+    p_bar = usage / (probs.shape[-3] * probs.shape[-2])
     return (p_bar * torch.log(p_bar + ENTROPY_EPS)).sum(-1).sum(0)  # = -H(p1_bar) - H(p2_bar)
 
 
@@ -123,14 +163,14 @@ def addressing_key_grad(address: Address, q: torch.Tensor, keys: torch.Tensor, *
     = 2 exp(s) (idw) or q (dot). It is built from differentiable ops, so the backward through a key step is
     ordinary first-order autograd, not a double backward of the loss. q [..., M, H, d_k] and keys
     [..., H, 2, R, d_k/2] as `pkm_address` took them (leading stream dims: each stream's own loss); both
-    codebooks run as one batch.
+    codebooks run as one batch, and the sums over the rows picking a sub-key are index_adds (O(M H k d_k)).
     With a memory group's `exchange`, p_bar averages the rows of all M processes (their top-k usage is
     summed over the group) and the keys, replicated over the group, get the sum of every process's
     gradient. Both sums sit in the forward graph, so the second-order path through them stays exact.
     """
     R = keys.shape[-2]
     tops = address.sub_topk                                                          # [2, ..., M, H, k]
-    top_scores = address.sub_scores.gather(-1, tops)
+    top_scores = address.top_scores
     probs = top_scores.softmax(-1)
     flat_tops = tops.flatten(-3)
     usage = probs.new_zeros(*probs.shape[:-3], R).scatter_add(-1, flat_tops, probs.flatten(-3))  # [2, ..., R]
@@ -143,12 +183,23 @@ def addressing_key_grad(address: Address, q: torch.Tensor, keys: torch.Tensor, *
     a = slope.gather(-1, flat_tops).view_as(tops)
     ds = probs * (a - (probs * a).sum(-1, keepdim=True))                             # dL/ds at the top-k
     coef = 2 * ds * top_scores.exp() if score == "idw" else ds
-    dense = torch.zeros_like(address.sub_scores).scatter(-1, tops, coef).transpose(-3, -2)  # [2, ..., H, M, R]
-    qc, kc = _codebook_operands(q, keys)
-    grad = torch.matmul(dense.transpose(-1, -2), qc)                                 # [2, ..., H, R, d_k/2]
-    if score == "idw":
-        grad = grad - dense.sum(-2).unsqueeze(-1) * kc
-    grad = grad.movedim(0, -3)                                                       # [..., H, 2, R, d_k/2]
+    # dL/dK_i = sum over the rows picking i of coef * (q - K_i) (idw) or coef * q (dot)
+    if R > GATHER_SCORES_ABOVE * tops.shape[-1]:  # large R: index_adds over the M*H*k picks
+        half = keys.shape[-1]
+        flat_keys, picks = keys.reshape(-1, half), _subkey_rows(tops, keys).reshape(-1)
+        qc = q.unflatten(-1, (2, half)).movedim(-2, 0).unsqueeze(-2)                  # [2, ..., M, H, 1, d_k/2]
+        grad = torch.zeros_like(flat_keys).index_add(0, picks, (coef.unsqueeze(-1) * qc).reshape(-1, half))
+        if score == "idw":
+            picked = coef.new_zeros(flat_keys.shape[0]).index_add(0, picks, coef.reshape(-1))
+            grad = grad - picked.unsqueeze(-1) * flat_keys
+        grad = grad.view_as(keys)
+    else:  # small R: coef scattered into [M, H, R] rows, then one matmul per codebook and head
+        dense = coef.new_zeros(*coef.shape[:-1], R).scatter(-1, tops, coef).transpose(-3, -2)  # [2, ..., H, M, R]
+        qc, kc = _codebook_operands(q, keys)
+        grad = torch.matmul(dense.transpose(-1, -2), qc)                             # [2, ..., H, R, d_k/2]
+        if score == "idw":
+            grad = grad - dense.sum(-2).unsqueeze(-1) * kc
+        grad = grad.movedim(0, -3)                                                   # [..., H, 2, R, d_k/2]
     return grad if exchange is None else exchange.sum(grad, "keys")
 
 

@@ -96,8 +96,15 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["dense", "gathered"])
+def addressing(request, monkeypatch):
+    """Both forms of the addressing's graph: dense [M, H, R] scores, or only the k picked sub-keys (large R)."""
+    monkeypatch.setattr(reference, "GATHER_SCORES_ABOVE", 10**9 if request.param == "dense" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_reference_scan_matches_naive_token_loop(case):
+def test_reference_scan_matches_naive_token_loop(case, addressing):
     case = dict(case)
     shape = {k: case.pop(k) for k in ("B", "T", "H", "R")}
     q, v, g, keys, values = make_inputs(**shape)
@@ -108,7 +115,7 @@ def test_reference_scan_matches_naive_token_loop(case):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_reference_scan_gradcheck_through_writes():
+def test_reference_scan_gradcheck_through_writes(addressing):
     """Finite differences agree with autograd through three chunked writes, for every input."""
     inputs = make_inputs(B=2, T=7, H=1, R=3, d_k=4, d_v=3, requires_grad=True)
 
@@ -217,7 +224,7 @@ def test_backend_selection_errors_are_clear(monkeypatch):
 
 @pytest.mark.parametrize("score", ["idw", "dot"])
 @pytest.mark.parametrize("streams", [0, 3])
-def test_closed_form_key_grad_matches_autograd_to_second_order(score, streams):
+def test_closed_form_key_grad_matches_autograd_to_second_order(score, streams, addressing):
     """`addressing_key_grad` equals autograd's gradient of the addressing loss, and so does its own
     gradient (the second-order term the LM loss sees through a key step), for q and keys, streams or not."""
     gen = torch.Generator().manual_seed(3)

@@ -3,7 +3,7 @@ its backward, and the sub-key step of the addressing loss, all without the [M, H
 
 Mirrors `reference.pkm_address` (method 2.2 and Eq. 11). The forward keeps each token's [R] score rows
 in registers and writes only what later ops need: idx and weight, and per codebook the top-k sub-key
-ids and scores (the addressing loss needs nothing else). `Address.sub_scores` is therefore None.
+ids and scores (the addressing loss needs nothing else). `Address.top_scores` is None here.
 
 Backward. Every gradient here is a sum over *selected* (token, head, sub-key) entries e of a
 coefficient times one of three rows: the query half q_e, the sub-key K_r(e), or a cotangent row U_r(e):
@@ -521,9 +521,9 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
         score: "idw" (-log(eps + ||q - K||^2)) or "dot".
         joint_softmax: softmax over all H*k entries of a token (FwPKM), else within each head (static PKM).
     Returns:
-        Address(idx [M, H, k] int64, weight [M, H, k], sub_scores=None, sub_topk [2, M, H, k]).
-        Only `weight` is differentiable (to q and keys). `sub_scores` is not materialised; the addressing
-        loss is computed from the top-k (`addressing_loss_topk`, `addressing_key_grad`).
+        Address(idx [M, H, k] int64, weight [M, H, k], top_scores=None, sub_topk [2, M, H, k]).
+        Only `weight` is differentiable (to q and keys). `top_scores` is not returned; the addressing loss is
+        computed from the top-k (`addressing_loss_topk`, `addressing_key_grad`).
     Raises:
         ValueError: on shape mismatches or topk outside [1, R].
     """
