@@ -40,11 +40,20 @@ class Address(NamedTuple):
     num_subkeys: int = 0      # R, the sub-keys per codebook
 
 
+def _query_halves(q: torch.Tensor) -> torch.Tensor:
+    """q [..., M, H, d_k] -> its codebook halves [2, ..., M, H, d_k/2] (a view)."""
+    return q.unflatten(-1, (2, q.shape[-1] // 2)).movedim(-2, 0)
+
+
+def _picks_only(num_subkeys: int, topk: int) -> bool:
+    """Whether the addressing's graph holds only the picked sub-keys (large R; `GATHER_SCORES_ABOVE`)."""
+    return num_subkeys > GATHER_SCORES_ABOVE * topk
+
+
 def _codebook_operands(q: torch.Tensor, keys: torch.Tensor):
     """q [..., M, H, d_k], keys [..., H, 2, R, d_k/2] -> both codebooks as one batched matmul's operands:
     query halves [2, ..., H, M, d_k/2] and sub-keys [2, ..., H, R, d_k/2] (views)."""
-    half = keys.shape[-1]
-    return q.unflatten(-1, (2, half)).movedim(-2, 0).transpose(-3, -2), keys.movedim(-3, 0)
+    return _query_halves(q).transpose(-3, -2), keys.movedim(-3, 0)
 
 
 def subkey_scores(q: torch.Tensor, keys: torch.Tensor, *, score: str = "idw", eps: float = 1e-3) -> torch.Tensor:
@@ -95,7 +104,7 @@ def topk_scores(q: torch.Tensor, keys: torch.Tensor, tops: torch.Tensor, *, scor
     """
     half = keys.shape[-1]
     picked = keys.reshape(-1, half).index_select(0, _subkey_rows(tops, keys).reshape(-1)).view(*tops.shape, half)
-    qc = q.unflatten(-1, (2, half)).movedim(-2, 0).unsqueeze(-2)               # [2, ..., M, H, 1, d_k/2]
+    qc = _query_halves(q).unsqueeze(-2)                                        # [2, ..., M, H, 1, d_k/2]
     if score == "dot":
         return (qc * picked).sum(-1)
     return torch.log((qc - picked).square().sum(-1) + eps).neg()
@@ -112,7 +121,7 @@ def pkm_address(q: torch.Tensor, keys: torch.Tensor, *, topk: int, score: str = 
     differentiably from the k picked sub-keys (`topk_scores`): a top-k's gradient reaches only those.
     """
     R = keys.shape[-2]
-    gathered = R > GATHER_SCORES_ABOVE * topk
+    gathered = _picks_only(R, topk)
     with torch.set_grad_enabled(torch.is_grad_enabled() and not gathered):
         sorted_scores, tops = subkey_scores(q, keys, score=score, eps=eps).topk(topk, dim=-1)  # [2, ..., M, H, k]
     with torch.no_grad():
@@ -146,11 +155,17 @@ def addressing_loss(address: Address) -> torch.Tensor:
     the chunk (every token, including those without a target). An address of S streams ([2, S, M, H, k]
     top-k scores) gives each stream's loss, [S].
     """
-    probs, tops = address.top_scores.softmax(-1), address.sub_topk
-    usage = probs.new_zeros(*probs.shape[:-3], address.num_subkeys)
-    usage = usage.scatter_add(-1, tops.flatten(-3), probs.flatten(-3))       # [2, ..., R]: summed over the rows
+    probs, usage = _codebook_usage(address, address.num_subkeys)
     p_bar = usage / (probs.shape[-3] * probs.shape[-2])
     return (p_bar * torch.log(p_bar + ENTROPY_EPS)).sum(-1).sum(0)  # = -H(p1_bar) - H(p2_bar)
+
+
+def _codebook_usage(address: Address, num_subkeys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs [2, ..., M, H, k]: each row's softmax over its top-k scores, usage [2, ..., R]: probs summed over
+    the rows at their sub-keys)."""
+    probs, tops = address.top_scores.softmax(-1), address.sub_topk
+    usage = probs.new_zeros(*probs.shape[:-3], num_subkeys).scatter_add(-1, tops.flatten(-3), probs.flatten(-3))
+    return probs, usage
 
 
 def addressing_key_grad(address: Address, q: torch.Tensor, keys: torch.Tensor, *, weight: float = 1.0,
@@ -169,25 +184,22 @@ def addressing_key_grad(address: Address, q: torch.Tensor, keys: torch.Tensor, *
     gradient. Both sums sit in the forward graph, so the second-order path through them stays exact.
     """
     R = keys.shape[-2]
-    tops = address.sub_topk                                                          # [2, ..., M, H, k]
-    top_scores = address.top_scores
-    probs = top_scores.softmax(-1)
-    flat_tops = tops.flatten(-3)
-    usage = probs.new_zeros(*probs.shape[:-3], R).scatter_add(-1, flat_tops, probs.flatten(-3))  # [2, ..., R]
+    tops, top_scores = address.sub_topk, address.top_scores                          # [2, ..., M, H, k]
+    probs, usage = _codebook_usage(address, R)
     rows = q.shape[-3] * q.shape[-2]
     if exchange is not None:
         usage = exchange.sum(usage, "keys")
         rows *= exchange.size
     p_bar = usage / rows
     slope = weight * (torch.log(p_bar + ENTROPY_EPS) + p_bar / (p_bar + ENTROPY_EPS)) / rows  # dL/dp, [2, ..., R]
-    a = slope.gather(-1, flat_tops).view_as(tops)
+    a = slope.gather(-1, tops.flatten(-3)).view_as(tops)
     ds = probs * (a - (probs * a).sum(-1, keepdim=True))                             # dL/ds at the top-k
     coef = 2 * ds * top_scores.exp() if score == "idw" else ds
     # dL/dK_i = sum over the rows picking i of coef * (q - K_i) (idw) or coef * q (dot)
-    if R > GATHER_SCORES_ABOVE * tops.shape[-1]:  # large R: index_adds over the M*H*k picks
+    if _picks_only(R, tops.shape[-1]):  # large R: index_adds over the M*H*k picks
         half = keys.shape[-1]
         flat_keys, picks = keys.reshape(-1, half), _subkey_rows(tops, keys).reshape(-1)
-        qc = q.unflatten(-1, (2, half)).movedim(-2, 0).unsqueeze(-2)                  # [2, ..., M, H, 1, d_k/2]
+        qc = _query_halves(q).unsqueeze(-2)                                          # [2, ..., M, H, 1, d_k/2]
         grad = torch.zeros_like(flat_keys).index_add(0, picks, (coef.unsqueeze(-1) * qc).reshape(-1, half))
         if score == "idw":
             picked = coef.new_zeros(flat_keys.shape[0]).index_add(0, picks, coef.reshape(-1))
