@@ -414,28 +414,12 @@ class ScanResult(NamedTuple):
     diagnostics: dict[str, torch.Tensor] | None = None
 
 
-def chunk_targets(v: torch.Tensor, start: int, end: int, lookahead: int):
-    """Targets v_{t+lookahead} for t in [start, end) and a mask of tokens whose target is inside the chunk."""
-    return targets_in_chunk(v[:, start:end], lookahead)
-
-
-def targets_in_chunk(vc: torch.Tensor, lookahead: int):
-    """`chunk_targets` of one chunk's values vc [B, C, d_v] -> (target [B, C, d_v], has [C] bool)."""
-    C = vc.shape[1]
-    target = torch.zeros_like(vc)
-    has = torch.zeros(C, dtype=torch.bool, device=vc.device)
-    n = C - lookahead
-    if n > 0:
-        target[:, :n] = vc[:, lookahead:]
-        has[:n] = True
-    return target, has
-
-
 def scan_targets(v: torch.Tensor, chunk_size: int, lookahead: int):
-    """`targets_in_chunk` of every chunk of v [B, T, d_v] in one pass, as per-chunk lists (target, has).
+    """Every chunk's targets v_{t+lookahead} and the mask of tokens whose target lies inside their chunk, in
+    one pass over v [B, T, d_v]: per-chunk tuples (target [B, C, d_v], has [C] bool).
 
-    A token without a target (the last `lookahead` of its chunk) holds some row of v instead of zeros:
-    every use masks it by `has` (weight 0 in the write and in the diagnostics).
+    A token without a target (the last `lookahead` of its chunk) holds some row of v: every use masks it by
+    `has` (weight 0 in the write, the key-step MSE and the diagnostics).
     """
     T = v.shape[1]
     pos = torch.arange(T, device=v.device)

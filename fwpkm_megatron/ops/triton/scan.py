@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reference import ScanDiagnostics, ScanResult, chunk_targets, mean_diagnostics
+from ..reference import ScanDiagnostics, ScanResult, mean_diagnostics, scan_targets
 from .address import _entropy_loss, address_bwd, address_fwd, addressing_key_grad, addressing_key_hvp
 from .read import read_fwd, scatter_rows, segments, token_bwd
 from .write import write_fwd, write_scale
@@ -127,6 +127,7 @@ def _scan_forward(q, v, g, keys, values, o: _Options, save: bool, sink: list | N
     K = keys.clone() if save else keys  # saved per chunk: must not follow in-place changes of the caller's
     chunks = []
     diag = ScanDiagnostics(dev) if o.diagnostics else None
+    targets = scan_targets(v, o.chunk_size, o.lookahead)
     for start in range(0, T, o.chunk_size):
         end = min(start + o.chunk_size, T)
         C = end - start
@@ -137,7 +138,7 @@ def _scan_forward(q, v, g, keys, values, o: _Options, save: bool, sink: list | N
         vh = read_fwd(values, idx, w, store.buf, ptr, out_dtype=v_hat.dtype)
         v_hat[:, start:end] = vh.view(B, C, D)
         idx_out[:, start:end] = idx.view(B, C, H, k)
-        target, has = chunk_targets(v, start, end, o.lookahead)
+        target, has = (t[start // o.chunk_size] for t in targets)
         gate = g[:, start:end]
         if diag is not None:
             diag.add(_entropy_loss(top_scores.detach().float(), tops, K.shape[2]), vh.view(B, C, D), target, has)
@@ -206,6 +207,7 @@ def _scan_backward(o: _Options, q, v, g, keys, table, v_hat, saved, dv_hat, dkey
     dK = dkeys_out.float() if (second_order and dkeys_out is not None) else torch.zeros_like(keys, dtype=torch.float32)
     dv_hat = dv_hat.float() if dv_hat is not None else torch.zeros(B, T, D, device=dev)
 
+    targets = scan_targets(v, o.chunk_size, o.lookahead)
     for ch in reversed(saved["chunks"]):
         start, end = ch["start"], ch["end"]
         C = end - start
@@ -213,7 +215,7 @@ def _scan_backward(o: _Options, q, v, g, keys, table, v_hat, saved, dv_hat, dkey
         n_tgt = max(C - o.lookahead, 0)
         idx, w, ptr, rptr, K_c = ch["idx"], ch["w"], ch["ptr"], ch["rptr"], ch["K"]  # ptr: written by, rptr: read from
         qc = q[:, start:end].reshape(M, H, d_k).contiguous()
-        target, has = chunk_targets(v, start, end, o.lookahead)
+        target, has = (t[start // o.chunk_size] for t in targets)
         gate = g[:, start:end]
 
         # 1. key step K' = K - key_lr * grad_K L_key: its Hessian-vector product with dK'
