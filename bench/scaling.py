@@ -40,14 +40,14 @@ B, H, D_K, D_V, CHUNK, TOP_K = 2, 2, 32, 64, 64, 8
 
 
 def reference_at(rev: str):
-    """`ops/reference.py` as of git revision `rev` (with the `row_products.py` beside it, once it exists), imported
-    as a package of its own (for --compare-with)."""
+    """`ops/reference.py` as of git revision `rev` (with the `addressing.py` and `row_products.py` beside it, where
+    they exist), imported as a package of its own (for --compare-with)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     name = "reference_at_" + "".join(c if c.isalnum() else "_" for c in rev)
     package = os.path.join(tempfile.mkdtemp(), name)
     os.makedirs(package)
     open(os.path.join(package, "__init__.py"), "w").close()
-    for file in ("reference.py", "row_products.py"):
+    for file in ("reference.py", "addressing.py", "row_products.py"):
         shown = subprocess.run(["git", "show", f"{rev}:fwpkm_megatron/ops/{file}"], cwd=root, capture_output=True,
                                text=True)
         if shown.returncode == 0:

@@ -9,7 +9,8 @@
         configuration_fwpkm.py, modeling_fwpkm.py, fwpkm_integrity.py,
         fwpkm_attention.py, fwpkm_gdn.py, fwpkm_memory.py               (copied from export/hf/)
         fwpkm_reference.py     byte-identical copy of fwpkm_megatron/ops/reference.py
-        row_products.py        byte-identical copy of fwpkm_megatron/ops/row_products.py (reference.py imports it)
+        addressing.py,         byte-identical copies of fwpkm_megatron/ops/addressing.py and row_products.py
+        row_products.py        (reference.py imports them)
         fwpkm_training.json    run config, step, tokens seen, data manifest sha256, source checkpoint
         README.md              the same, for people
         fwpkm_index.json       size + sha256 of every file above; written last
@@ -39,7 +40,8 @@ HF_CODE_FILES = ("configuration_fwpkm.py", "modeling_fwpkm.py", "fwpkm_integrity
                  "fwpkm_gdn.py", "fwpkm_memory.py")
 OPS_DIR = Path(__file__).parents[1] / "ops"
 # the one definition of the memory math, shipped byte-identical: source in ops/ -> name in the export
-REFERENCE_FILES = {OPS_DIR / "reference.py": "fwpkm_reference.py", OPS_DIR / "row_products.py": "row_products.py"}
+REFERENCE_FILES = {OPS_DIR / "reference.py": "fwpkm_reference.py", OPS_DIR / "addressing.py": "addressing.py",
+                   OPS_DIR / "row_products.py": "row_products.py"}
 AUTO_MAP = {"AutoConfig": "configuration_fwpkm.FwPKMConfig",
             "AutoModelForCausalLM": "modeling_fwpkm.FwPKMForCausalLM"}
 

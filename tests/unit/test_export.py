@@ -7,7 +7,7 @@ What this proves:
   evolves identically and equals megatron's buffers after every call) and under per_sequence;
 - feeding tokens one at a time through the cache (and `generate`) gives the same logits and memory state
   as one chunked call, with the training cadence and with the lookahead carried across chunks (method 3.9);
-- the shipped `fwpkm_reference.py` and `row_products.py` are byte-identical to `ops/reference.py` and `ops/row_products.py`;
+- the shipped `fwpkm_reference.py`, `addressing.py` and `row_products.py` are byte-identical to their sources in `ops/`;
 - a corrupt or truncated file is reported by name before anything loads;
 - megatron -> export -> megatron names round-trip exactly (the basis of resharding).
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fwpkm_megatron import ops
+from fwpkm_megatron.ops import addressing as addressing_module
 from fwpkm_megatron.ops import reference, row_products
 from fwpkm_megatron.ops.testing import random_scan_inputs
 
@@ -99,7 +100,7 @@ CASES = {
 @pytest.fixture(params=["dense", "gathered"])
 def addressing(request, monkeypatch):
     """Both forms of the addressing's graph: dense [M, H, R] scores, or only the k picked sub-keys (large R)."""
-    monkeypatch.setattr(reference, "GATHER_SCORES_ABOVE", 10**9 if request.param == "dense" else 0)
+    monkeypatch.setattr(addressing_module, "GATHER_SCORES_ABOVE", 10**9 if request.param == "dense" else 0)
     return request.param
 
 

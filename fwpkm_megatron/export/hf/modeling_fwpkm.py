@@ -43,6 +43,7 @@ from .fwpkm_integrity import verify_index
 from .fwpkm_memory import FastWeightState, FwPKMBranch, FwPKMMemory, PKMMLP, ZeroCenteredRMSNorm
 # transformers 4.57 copies into its module cache only the sibling files this file imports, not theirs:
 # fwpkm_memory.py's math modules are named here for that reason alone
+from .addressing import pkm_address  # noqa: F401
 from .fwpkm_reference import fwpkm_scan_rows  # noqa: F401
 from .row_products import token_sum  # noqa: F401
 
