@@ -118,16 +118,18 @@ class RowStore:
     read is one `index_select` of the store (no per-read choice between store and base). A write is held
     back and applied, with those copies, by the next read (`_StoreStep`), so autograd sees a chain of
     in-place links whose backward costs O(rows read + written) per chunk, not O(rows touched).
-    The store doubles when full (a `cat`, O(U) once per doubling), so it stays O(rows touched).
+    `capacity` sizes the store up front (a scan passes the most rows it can touch: its reads plus `written`,
+    at most S*N), so it is zero-filled once; should more rows come, it doubles (a `cat`, O(U) per doubling).
     The same values as `RowOverlay`, forward and backward; `state()` lists the rows written.
     """
 
     def __init__(self, base: torch.Tensor, streams: int = 1,
-                 written: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 written: tuple[torch.Tensor, torch.Tensor] | None = None, capacity: int = 1):
         self.base = base
         self.num_slots, self.streams = base.shape[0], streams
-        self.store = base.new_zeros(1, base.shape[1])
-        self.written = torch.zeros(1, dtype=torch.bool, device=base.device)   # per store position
+        capacity = max(1, min(capacity, self.num_slots * streams))
+        self.store = base.new_zeros(capacity, base.shape[1])
+        self.written = torch.zeros(capacity, dtype=torch.bool, device=base.device)   # per store position
         self.slot = torch.full((self.num_slots * streams,), -1, dtype=torch.long, device=base.device)
         self.used = 0
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []            # (positions, rows to add)
@@ -277,6 +279,12 @@ def mean_diagnostics(parts: list[ScanResult]) -> dict[str, torch.Tensor] | None:
     return {key: torch.stack([p.diagnostics[key] for p in parts]).mean() for key in parts[0].diagnostics}
 
 
+def _rows_touched_at_most(q: torch.Tensor, top_k: int, written, group_size: int = 1) -> int:
+    """The reads of a scan over q [B, T, H, d_k] (times the memory group's size) plus the rows it starts from."""
+    B, T, H, _ = q.shape
+    return group_size * B * T * H * top_k + (0 if written is None else written[0].numel())
+
+
 def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, addr_loss_weight,
                  value_lr, key_lr, score, addr_loss, detach_writes, written=None, diagnostics=False,
                  streams: int = 1) -> ScanResult:
@@ -294,7 +302,7 @@ def _scan_shared(q, v, g, keys, values, *, top_k, chunk_size, lookahead, eps, ad
     if written is not None and streams > 1:
         rows, row_values = written
         written = ((offsets.view(B, 1) + rows).reshape(-1), row_values.repeat(streams, 1))
-    table = RowStore(values, streams, written=written)
+    table = RowStore(values, streams, written=written, capacity=_rows_touched_at_most(q, top_k, written))
     outs, idxs = [], []
     diag = ScanDiagnostics(q.device) if diagnostics else None
     chunks = zip(q.split(chunk_size, 1), g.split(chunk_size, 1), *scan_targets(v, chunk_size, lookahead))
@@ -383,7 +391,8 @@ def _scan_group(q, v, g, keys, values, exchange: TokenExchange, *, private: bool
     offsets = (torch.arange(group_size, device=q.device) * values.shape[0]).view(-1, 1, 1, 1)
     if written is not None and private:
         written = ((offsets.view(-1, 1) + written[0]).reshape(-1), written[1].repeat(group_size, 1))
-    table = RowStore(values, group_size if private else 1, written=written)
+    table = RowStore(values, group_size if private else 1, written=written,
+                     capacity=_rows_touched_at_most(q, top_k, written, exchange.size))
     outs, idxs, group_idxs = [], [], []
     chunks = zip(q.split(chunk_size, 1), g.split(chunk_size, 1), *scan_targets(v, chunk_size, lookahead))
     for q_c, g_c, target, has in chunks:

@@ -14,9 +14,12 @@ import torch
 
 # On CPU the read and the sampled dot run as CSR products with one row per (token, head), whose k columns are
 # distinct (one head's top-k slots), as `sampled_addmm` needs: no [M*H*k, d] temporary, 2-7x faster there
-# (docs/performance.md). Elsewhere, and for row_sum everywhere (a CSC product is slower on CPU), as gathers and
-# index_adds.
+# (docs/performance.md). The write, once its [M*H*k, d] outer products outgrow the cache (CSR_WRITE_ABOVE
+# elements), runs as the CSR product of the transpose, built by one sort of the slot ids (a CSC product, the
+# transpose as it stands, is slower on CPU); below that the sort costs more than it saves. Elsewhere all three
+# are gathers and index_adds.
 CSR_ON_CPU = True  # tests switch it off to check the CSR form against the gather form
+CSR_WRITE_ABOVE = 1 << 18  # tests set 0 to run the transposed CSR form on small inputs
 
 
 def _csr(a: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -24,6 +27,19 @@ def _csr(a: torch.Tensor, cols: torch.Tensor, n_cols: int) -> torch.Tensor:
     k = a.shape[-1]
     crow = torch.arange(0, a.numel() + 1, k, device=a.device)
     return torch.sparse_csr_tensor(crow, cols.reshape(-1), a.reshape(-1), size=(a.numel() // k, n_cols),
+                                   check_invariants=False)
+
+
+def _csr_transposed(a: torch.Tensor, cols: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The transpose of `_csr(a, cols, n_rows)` as a [n_rows, M*H] CSR matrix: row u holds a[r, h, j] at column
+    (r, h) for every cols[r, h, j] = u. A stable sort of the slot ids orders it, so each row's columns ascend
+    (and the sums run in one fixed order); no row holds a column twice (one head's k slots are distinct)."""
+    k = a.shape[-1]
+    flat = cols.reshape(-1)
+    order = flat.argsort(stable=True)
+    crow = flat.new_zeros(n_rows + 1)
+    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+    return torch.sparse_csr_tensor(crow, order // k, a.reshape(-1)[order], size=(n_rows, a.numel() // k),
                                    check_invariants=False)
 
 
@@ -59,6 +75,8 @@ class _RowSum(torch.autograd.Function):
     def forward(ctx, a, cols, Y, num_rows):
         ctx.save_for_backward(a, cols, Y)
         M, H, k = a.shape
+        if _on_csr(Y) and a.numel() * Y.shape[1] > CSR_WRITE_ABOVE:  # Y repeated per head: columns are (token, head)
+            return _csr_transposed(a, cols, num_rows) @ (Y if H == 1 else Y.repeat_interleave(H, 0))
         outer = (a.view(M, H * k, 1) * Y.view(M, 1, -1)).view(M * H * k, -1)  # broadcast: faster than a 1-wide bmm
         return Y.new_zeros(num_rows, Y.shape[1]).index_add(0, cols.reshape(-1), outer)
 
@@ -103,4 +121,4 @@ def row_sum(a: torch.Tensor, cols: torch.Tensor, Y: torch.Tensor, num_rows: int)
     return _RowSum.apply(a.contiguous(), cols.contiguous(), Y.contiguous(), num_rows)
 
 
-__all__ = ["CSR_ON_CPU", "row_sum", "token_sum"]
+__all__ = ["CSR_ON_CPU", "CSR_WRITE_ABOVE", "row_sum", "token_sum"]

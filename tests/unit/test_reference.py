@@ -245,10 +245,11 @@ def test_closed_form_key_grad_matches_autograd_to_second_order(score, streams, a
 
 @pytest.mark.parametrize("csr", [True, False])
 def test_read_and_write_products_match_their_definition_to_second_order(csr, monkeypatch):
-    """`token_sum` (the read) and `row_sum` (the write), as CSR products on CPU or as gathers, equal the
-    plain indexing definitions, a slot read by two heads of one token included, in value, first-
-    and second-order gradients (each backward is built from the other products)."""
+    """`token_sum` (the read) and `row_sum` (the write), as CSR products on CPU (the write as its transpose's
+    product) or as gathers, equal the plain indexing definitions, a slot read by two heads of one token
+    included, in value, first- and second-order gradients (each backward is built from the other products)."""
     monkeypatch.setattr(row_products, "CSR_ON_CPU", csr)
+    monkeypatch.setattr(row_products, "CSR_WRITE_ABOVE", 0)
     gen = torch.Generator().manual_seed(5)
     M, H, k, U, d = 7, 2, 3, 6, 3
     cols = torch.stack([torch.randperm(U, generator=gen)[:k] for _ in range(M * H)]).view(M, H, k)
