@@ -19,10 +19,13 @@ from types import SimpleNamespace
 
 import torch
 
-from fwpkm_megatron.config import load_config
-from fwpkm_megatron.export.hf.fwpkm_gdn import GatedDeltaNet as ExportGDN
-from fwpkm_megatron.model import transformer_config
-from fwpkm_megatron.parallel.groups import init_single_process
+from fwpkm_megatron.benign import silence
+
+silence()  # before megatron-core is imported: its fallback warnings fire at import
+from fwpkm_megatron.config import load_config  # noqa: E402
+from fwpkm_megatron.export.hf.fwpkm_gdn import GatedDeltaNet as ExportGDN  # noqa: E402
+from fwpkm_megatron.model import transformer_config  # noqa: E402
+from fwpkm_megatron.parallel.groups import init_single_process  # noqa: E402
 
 PAPER = ["model.num_layers=1", "model.hidden_size=768", "model.num_attention_heads=12", "model.mixer=gdn",
          "model.gdn_num_key_heads=8", "model.gdn_num_value_heads=8", "model.gdn_key_head_dim=64",

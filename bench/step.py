@@ -16,9 +16,11 @@ import time
 import torch
 
 from fwpkm_megatron.benign import silence
-from fwpkm_megatron.config import load_config
-from fwpkm_megatron.model import build_model
-from fwpkm_megatron.parallel.groups import init_single_process
+
+silence()  # before megatron-core is imported: its fallback warnings fire at import
+from fwpkm_megatron.config import load_config  # noqa: E402
+from fwpkm_megatron.model import build_model  # noqa: E402
+from fwpkm_megatron.parallel.groups import init_single_process  # noqa: E402
 
 VARIANTS = {
     "no memory": ["fwpkm.layers=[]", "pkm.layers=[]"],
@@ -66,7 +68,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=4096)
     args = parser.parse_args()
-    silence()
     torch.set_num_threads(args.threads)
     init_single_process(0)
     variants = dict(VARIANTS)
