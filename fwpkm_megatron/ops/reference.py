@@ -120,6 +120,8 @@ class RowStore:
     in-place links whose backward costs O(rows read + written) per chunk, not O(rows touched).
     `capacity` sizes the store up front (a scan passes the most rows it can touch: its reads plus `written`,
     at most S*N), so it is zero-filled once; should more rows come, it doubles (a `cat`, O(U) per doubling).
+    A base that requires grad (a trained table) is instead copied whole into the store, once: its gradient is
+    then one [N, d_v] sum per scan, where copying rows in as they are first read would make one per chunk.
     The same values as `RowOverlay`, forward and backward; `state()` lists the rows written.
     """
 
@@ -127,15 +129,18 @@ class RowStore:
                  written: tuple[torch.Tensor, torch.Tensor] | None = None, capacity: int = 1):
         self.base = base
         self.num_slots, self.streams = base.shape[0], streams
-        capacity = max(1, min(capacity, self.num_slots * streams))
-        self.store = base.new_zeros(capacity, base.shape[1])
-        self.written = torch.zeros(capacity, dtype=torch.bool, device=base.device)   # per store position
-        self.slot = torch.full((self.num_slots * streams,), -1, dtype=torch.long, device=base.device)
-        self.used = 0
+        rows = self.num_slots * streams
+        whole = base.requires_grad and torch.is_grad_enabled()
+        self.store = base.repeat(streams, 1) if whole else base.new_zeros(max(1, min(capacity, rows)), base.shape[1])
+        self.written = torch.zeros(self.store.shape[0], dtype=torch.bool, device=base.device)  # per store position
+        self.slot = torch.arange(rows, device=base.device) if whole else torch.full(
+            (rows,), -1, dtype=torch.long, device=base.device)
+        self.used = rows if whole else 0
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []            # (positions, rows to add)
         if written is not None and written[0].numel():
             pos = self._place(written[0])[0]
-            self.pending.append((pos, written[1].to(self.store.dtype)))
+            start = written[1].to(self.store.dtype)
+            self.pending.append((pos, start - self.base_rows(written[0]).to(start.dtype) if whole else start))
             self.written[pos] = True
 
     def base_rows(self, ids: torch.Tensor) -> torch.Tensor:

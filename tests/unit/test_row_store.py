@@ -35,20 +35,23 @@ def _run(cls, base, p, w0, *, streams, chunks, gen_seed):
     return out + values.cos().sum(), rows, values
 
 
+@pytest.mark.parametrize("trained_base", [True, False], ids=["base-requires-grad", "base-buffer"])
 @pytest.mark.parametrize("streams", [1, 2])
-def test_row_store_matches_overlay(streams):
+def test_row_store_matches_overlay(streams, trained_base):
+    """A trained base (copied whole into the store) and a buffer base (rows copied in as first read)."""
     torch.manual_seed(0)
     d = 7
-    base = torch.randn(13, d, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(13, d, dtype=torch.float64, requires_grad=trained_base)
     p = torch.randn(2 * d, dtype=torch.float64, requires_grad=True)
     w0 = torch.randn(3, d, dtype=torch.float64, requires_grad=True)
+    inputs = (base, p, w0) if trained_base else (p, w0)
     res = {}
     for cls in (RowOverlay, RowStore):
         loss, rows, values = _run(cls, base, p, w0, streams=streams, chunks=4, gen_seed=1)
-        grads = torch.autograd.grad(loss, (base, p, w0), create_graph=True)
-        second = torch.autograd.grad(sum((g * g).sum() for g in grads), (base, p, w0))
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), inputs)
         loss_again = _run(cls, base, p, w0, streams=streams, chunks=4, gen_seed=1)[0]
-        first = torch.autograd.grad(loss_again, (base, p, w0))              # the in-place backward
+        first = torch.autograd.grad(loss_again, inputs)                     # the in-place backward
         res[cls] = (loss.detach(), rows, values.detach(), [g.detach() for g in grads] + list(first), second)
     ref, new = res[RowOverlay], res[RowStore]
     assert torch.equal(ref[1], new[1])
