@@ -3,6 +3,7 @@
     .venv/bin/python bench/fidelity.py [--out runs/fidelity] [--steps 100]      # default: (a) (b) (c) (d)
     .venv/bin/python bench/fidelity.py --full               # + (e); 500 recall steps, 10 NIAH records per length
     .venv/bin/python bench/fidelity.py --variants fwpkm noaddr                   # a subset (rows resume)
+    .venv/bin/python bench/fidelity.py --variants nowg notm h4k8 h1k32           # the rest of App. D (by name only)
 
 Findings (docs/results.md reports them; method notes 5.2, 5.7):
   (a) recall beyond the attention window: no memory / static PKM / FwPKM / PKM + FwPKM, FwPKM one layer
@@ -12,8 +13,8 @@ Findings (docs/results.md reports them; method notes 5.2, 5.7):
   (b) test-time memorisation: the FwPKM model of (a) read per_sequence vs persistent vs frozen;
   (c) reads 1..4 NIAH-style (recall needles in filler) at 1x, 4x and 16x the training length,
       through the exported model and `fwpkm-eval niah`'s protocol;
-  (d) ablations of the FwPKM model: lookahead 0, dot-product scores, no addressing loss, no gate
-      (with slot coverage, collision rate and KL to uniform over the evaluation's reads);
+  (d) ablations of the FwPKM model: lookahead 0, dot-product scores, no addressing loss, no gate, no loss
+      weight, no value norm, 4 heads x top-8, 1 head x top-32 (with slot coverage, collision rate and KL to uniform over the evaluation's reads);
   (e) [--full] natural text: configs/tiny.yaml on the `make demo` corpus, no memory / PKM / FwPKM / both
       at equal steps: validation perplexity and loss by position.
 Every compared model has the same backbone, steps, batch, data order and seed. Nothing is tuned on the
@@ -69,7 +70,14 @@ RECALL_VARIANTS = {  # key: (finding, label, overrides)
     "dot": ("d", "FwPKM, dot-product scores", [FW, "pkm.layers=[]", "fwpkm.score=dot"]),
     "noaddr": ("d", "FwPKM, no addressing loss", [FW, "pkm.layers=[]", "fwpkm.addr_loss=false"]),
     "nogate": ("d", "FwPKM, no gate", [FW, "pkm.layers=[]", "fwpkm.gate=false"]),
+    # the rest of App. D: the gate in the output but not in the memorization loss, no value z-scoring, and the
+    # two larger read patterns (4 heads x top-8; 1 head x top-32)
+    "nowg": ("d", "FwPKM, no loss weight", [FW, "pkm.layers=[]", "fwpkm.gate_weighted_loss=false"]),
+    "notm": ("d", "FwPKM, no value norm", [FW, "pkm.layers=[]", "fwpkm.value_zscore=false"]),
+    "h4k8": ("d", "FwPKM, 4 heads x top-8", [FW, "pkm.layers=[]", "fwpkm.heads=4"]),
+    "h1k32": ("d", "FwPKM, 1 head x top-32", [FW, "pkm.layers=[]", "fwpkm.topk=32"]),
 }
+BY_NAME_ONLY = ("nowg", "notm", "h4k8", "h1k32")  # run when named in --variants: the default mode stays < 30 min
 TEXT_VARIANTS = {  # configs/tiny.yaml has FwPKM at [1, 3] and PKM at [2]
     "text-none": ("e", "no memory", ["fwpkm.layers=[]", "pkm.layers=[]"]),
     "text-pkm": ("e", "static PKM", ["fwpkm.layers=[]"]),
@@ -179,7 +187,7 @@ def main() -> None:
         args.niah_per_length = 10 if args.full else 5
     out = Path(args.out)
     (out / "variants").mkdir(parents=True, exist_ok=True)
-    keys = list(RECALL_VARIANTS) + (list(TEXT_VARIANTS) if args.full else [])
+    keys = [k for k in RECALL_VARIANTS if k not in BY_NAME_ONLY] + (list(TEXT_VARIANTS) if args.full else [])
     unknown = set(args.variants or []) - set(RECALL_VARIANTS) - set(TEXT_VARIANTS)
     if unknown:
         p.error(f"--variants {sorted(unknown)}: unknown (known: {', '.join([*RECALL_VARIANTS, *TEXT_VARIANTS])})")
