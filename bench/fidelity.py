@@ -4,6 +4,7 @@
     .venv/bin/python bench/fidelity.py --full               # + (e); 500 recall steps, 10 NIAH records per length
     .venv/bin/python bench/fidelity.py --variants fwpkm noaddr                   # a subset (rows resume)
     .venv/bin/python bench/fidelity.py --variants nowg notm h4k8 h1k32           # the rest of App. D (by name only)
+    .venv/bin/python bench/fidelity.py --variants deep4-none deep4               # 4 layers, FwPKM at 2 (by name only)
 
 Findings (docs/results.md reports them; method notes 5.2, 5.7):
   (a) recall beyond the attention window: no memory / static PKM / FwPKM / PKM + FwPKM, FwPKM one layer
@@ -57,6 +58,7 @@ FW, PKM = "fwpkm.layers=[0]", "pkm.layers=[1]"
 # mixer, now a GDN one as in the paper. The GDN state has unbounded reach: nothing stops it recalling alone.
 GDN = ["model.mixer=gdn", "model.attention_layers=[1]", "model.gdn_num_key_heads=4", "model.gdn_num_value_heads=4",
        "model.gdn_key_head_dim=32", "model.gdn_value_head_dim=32"]
+DEEP4 = ["model.num_layers=4", "model.window=8"]
 RECALL_VARIANTS = {  # key: (finding, label, overrides)
     "none": ("a", "no memory", ["fwpkm.layers=[]", "pkm.layers=[]"]),
     "pkm": ("a", "static PKM", ["fwpkm.layers=[]", PKM]),
@@ -76,8 +78,13 @@ RECALL_VARIANTS = {  # key: (finding, label, overrides)
     "notm": ("d", "FwPKM, no value norm", [FW, "pkm.layers=[]", "fwpkm.value_zscore=false"]),
     "h4k8": ("d", "FwPKM, 4 heads x top-8", [FW, "pkm.layers=[]", "fwpkm.heads=4"]),
     "h1k32": ("d", "FwPKM, 1 head x top-32", [FW, "pkm.layers=[]", "fwpkm.topk=32"]),
+    # the paper's memories sit deeper (layers 2, 6, 10 of 12): 4 layers with the window halved to 8, so the
+    # attention reach (4 x 7 = 28 tokens) stays below the 32-token key -> query distance, with its own baseline
+    "deep4-none": ("a", "4 layers (window 8), no memory", [*DEEP4, "fwpkm.layers=[]", "pkm.layers=[]"]),
+    "deep4": ("a", "4 layers (window 8), FwPKM before layer 2", [*DEEP4, "fwpkm.layers=[2]", "pkm.layers=[]"]),
 }
-BY_NAME_ONLY = ("nowg", "notm", "h4k8", "h1k32")  # run when named in --variants: the default mode stays < 30 min
+# run when named in --variants: the default mode stays within its 30 minutes
+BY_NAME_ONLY = ("nowg", "notm", "h4k8", "h1k32", "deep4-none", "deep4")
 TEXT_VARIANTS = {  # configs/tiny.yaml has FwPKM at [1, 3] and PKM at [2]
     "text-none": ("e", "no memory", ["fwpkm.layers=[]", "pkm.layers=[]"]),
     "text-pkm": ("e", "static PKM", ["fwpkm.layers=[]"]),
