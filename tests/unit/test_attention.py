@@ -35,7 +35,7 @@ def _pair(heads, query_groups, window, head_dim=16):
 
     config = TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
                                num_query_groups=query_groups, attention_dropout=0.0, masked_softmax_fusion=False,
-                               use_cpu_initialization=True)
+                               use_cpu_initialization=True, cuda_graph_scope=[])  # megatron's default is deprecated
     ctl = WindowControl("swa" if window else "full", window or 1)
     kw = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
               window_control=ctl)
