@@ -8,7 +8,8 @@
 
 Findings (docs/results.md reports them; method notes 5.2, 5.7):
   (a) recall beyond the attention window: no memory / static PKM / FwPKM / PKM + FwPKM, FwPKM one layer
-      deeper (before layer 1), and a GDN + SWA hybrid without and with FwPKM, trained alike on
+      deeper (before layer 1), and a GDN + SWA hybrid without and with FwPKM (by name: a 4-layer model
+      without memory and with FwPKM before layer 2), trained alike on
       `fwpkm-prep recall` documents, scored on held-out documents (their own seed) by the loss and top-1
       accuracy of the queried value tokens;
   (b) test-time memorisation: the FwPKM model of (a) read per_sequence vs persistent vs frozen;
