@@ -16,7 +16,8 @@ Findings (docs/results.md reports them; method notes 5.2, 5.7):
   (c) reads 1..4 NIAH-style (recall needles in filler) at 1x, 4x and 16x the training length,
       through the exported model and `fwpkm-eval niah`'s protocol;
   (d) ablations of the FwPKM model: lookahead 0, dot-product scores, no addressing loss, no gate, no loss
-      weight, no value norm, 4 heads x top-8, 1 head x top-32 (with slot coverage, collision rate and KL to uniform over the evaluation's reads);
+      weight, no value norm, 4 heads x top-8, 1 head x top-32 (with slot coverage, collision rate and KL to
+      uniform over the evaluation's reads);
   (e) [--full] natural text: configs/tiny.yaml on the `make demo` corpus, no memory / PKM / FwPKM / both
       at equal steps: validation perplexity and loss by position.
 Every compared model has the same backbone, steps, batch, data order and seed. Nothing is tuned on the
